@@ -1,0 +1,92 @@
+"""medfoundation: a medical segmentation foundation model served as MONAI Label infer tasks.
+
+    monailabel start_server --app apps/medfoundation --studies <folder or DICOMweb URL> --conf labels a,b,c
+
+Composition only: read the conf, build the model once, hand one segmentation service to every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # the top-level `lib` package lives beside `apps/`
+    sys.path.insert(0, str(REPO_ROOT))
+
+from fastapi import HTTPException  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
+from monailabel.tasks.activelearning.first import First  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
+
+from lib.engine.interactive import PropagationConfig  # noqa: E402
+from lib.engine.preprocessing import IntensityConfig  # noqa: E402
+from lib.engine.service import SegmentationService, ServiceConfig  # noqa: E402
+from lib.infers.foundation import FoundationInfer  # noqa: E402
+from lib.model import build_model  # noqa: E402
+from lib.settings import AppSettings  # noqa: E402
+
+logger = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+class MedFoundationApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.settings = AppSettings.from_conf(conf or {})
+        device = self.settings.torch_device()
+        model = build_model(self.settings.model, self.settings.checkpoint, Path(app_dir) / "model", device)
+        self.service = SegmentationService(
+            model,
+            ServiceConfig(
+                cache_bytes=self.settings.cache_mb << 20,
+                intensity=IntensityConfig(self.settings.modality, self.settings.ct_window),
+                propagation=PropagationConfig(
+                    margin=self.settings.propagation_margin, use_mask_prompt=self.settings.propagation_mask_prompt
+                ),
+                prefetch_slices=self.settings.prefetch_slices,
+                encoder_bf16=self.settings.encoder_bf16,
+            ),
+            device=device,
+        )
+        logger.info("medfoundation %s: model %s on %s, labels %s", VERSION, model.version, device, self.settings.labels)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="medfoundation",
+            description="Medical segmentation foundation model for interactive 2D/3D annotation",
+            version=VERSION,
+            labels=self.settings.labels,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {
+            "foundation": FoundationInfer(self.service, 3, self.settings.labels),
+            "foundation_2d": FoundationInfer(self.service, 2, self.settings.labels),
+        }
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
+        """Refuse unknown models and images with a 404 naming them, before any work starts."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(404, f"unknown model {model!r}; available: {', '.join(sorted(self._infers))}")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            if not (datastore or self.datastore()).get_image_uri(image):
+                raise HTTPException(404, f"unknown image {image!r}: not in the datastore")
+        return super().infer(request, datastore)
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Hand out an image and start encoding its middle slices, so the annotator's first click is fast."""
+        result = super().next_sample(request)
+        if result.get("path") and os.path.exists(result["path"]):
+            self.service.prefetch(result["path"])
+        return result

@@ -1,0 +1,1 @@
+"""Pure-torch engine: never imports monailabel, so it runs in scripts, tests and benchmarks alike."""

@@ -1,0 +1,109 @@
+"""The interactive segmentation service: one model, one embedding cache and one volume store for all users.
+
+Exposes plain verbs (segment, prefetch, stats) in the spirit of nnInteractive's session; MONAI Label adapters
+call it, and so can scripts and tests without a server.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lib.engine.cache import EmbeddingCache
+from lib.engine.interactive import PropagationConfig, VolumeResult, propagate, segment_2d
+from lib.engine.predictor import SlicePredictor
+from lib.engine.preprocessing import IntensityConfig
+from lib.engine.prompts import Prompt
+from lib.engine.volumes import VolumeStore
+from lib.model.registry import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    cache_bytes: int = 1 << 30
+    intensity: IntensityConfig = IntensityConfig()
+    propagation: PropagationConfig = PropagationConfig()
+    prefetch_slices: int = 48
+    volumes_in_memory: int = 4
+    encoder_bf16: bool = False
+
+
+class SegmentationService:
+    """Segment 2D/3D from prompts; pre-encode handed-out images in the background without delaying clicks."""
+
+    def __init__(self, model: LoadedModel, config: ServiceConfig = ServiceConfig(), device: str = "cpu") -> None:
+        self.config = config
+        self.cache = EmbeddingCache(config.cache_bytes)
+        self.volumes = VolumeStore(config.intensity, capacity=config.volumes_in_memory)
+        self.predictor = SlicePredictor(
+            model, self.cache, device=device, encode_batch=1, encoder_autocast=config.encoder_bf16
+        )
+        self._active = 0  # interactive requests in progress; the prefetcher yields to them
+        self._active_lock = threading.Lock()
+        self._prefetch_queue: queue.Queue[str] = queue.Queue()
+        self._prefetcher = threading.Thread(target=self._prefetch_loop, name="prefetch", daemon=True)
+        self._prefetcher.start()
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.predictor.model
+
+    def segment(self, image_path: str, params: dict[str, Any], dimension: int) -> VolumeResult:
+        """Validate the prompt against the image and segment in 2D (one slice) or 3D (propagated).
+
+        Raises:
+            ImageReadError: the image is missing or unreadable.
+            PromptError: the prompt is malformed or outside the image.
+        """
+        with self._active_lock:
+            self._active += 1
+        try:
+            volume = self.volumes.get(image_path)
+            prompt = Prompt.from_request(params, volume.shape)
+            if dimension == 2:
+                return segment_2d(self.predictor, volume, prompt)
+            return propagate(self.predictor, volume, prompt, self.config.propagation)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def prefetch(self, image_path: str) -> None:
+        """Queue an image whose middle slices are encoded in the background (an annotator just received it)."""
+        if self.config.prefetch_slices > 0:
+            self._prefetch_queue.put(image_path)
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            path = self._prefetch_queue.get()
+            try:
+                self._prefetch_one(path)
+            except Exception:  # noqa: BLE001 - a background helper must never die
+                logger.exception("pre-encoding %s failed", path)
+
+    def _prefetch_one(self, path: str) -> None:
+        volume = self.volumes.get(path)
+        depth = volume.shape[2]
+        middle = depth // 2
+        order = sorted(range(depth), key=lambda z: (abs(z - middle), z))[: self.config.prefetch_slices]
+        begin, done = time.perf_counter(), 0
+        for z in order:
+            while self._active:  # clicks first
+                time.sleep(0.02)
+            if self.cache.nbytes > 0.9 * self.cache.budget_bytes:
+                logger.info("pre-encoding stopped: embedding cache near its budget")
+                break
+            done += self.predictor.encode(volume, [z])
+        logger.info("pre-encoded %d slices of %s in %.1f s", done, path, time.perf_counter() - begin)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "model": self.model.version,
+            "cache": self.cache.stats(),
+            "encoded_slices": self.predictor.encoded_slices,
+        }

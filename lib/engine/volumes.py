@@ -1,0 +1,111 @@
+"""Load an image once, normalise it to uint8 once, and keep the last few in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from lib.engine.preprocessing import IntensityConfig, intensity_bounds, to_uint8
+
+logger = logging.getLogger(__name__)
+
+
+class ImageReadError(ValueError):
+    """The image file is missing, unreadable or not a 2D/3D image."""
+
+
+@dataclass
+class PreparedVolume:
+    """A volume ready for the model.
+
+    Attributes:
+        key: identifies file content + intensity handling (part of every embedding cache key).
+        data: (X, Y, Z) uint8 intensities after windowing / percentile scaling.
+        affine: (4, 4) voxel -> RAS world transform of the source image.
+        modality: "CT" or "MR".
+    """
+
+    key: str
+    data: np.ndarray
+    affine: np.ndarray
+    modality: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data.shape  # type: ignore[return-value]
+
+    def slice_image(self, z: int) -> np.ndarray:
+        """(Y, X) uint8 view of slice z (rows = y, columns = x)."""
+        return self.data[:, :, z].T
+
+
+def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y, Z) float32 array and RAS affine, via nibabel for NIfTI and MONAI's ITK reader otherwise."""
+    if path.endswith((".nii", ".nii.gz")):
+        image = nib.load(path)
+        array = np.asarray(image.dataobj, dtype=np.float32)
+        affine = image.affine
+    else:  # DICOM series folder, NRRD, ...
+        from monai.transforms import LoadImage
+
+        loaded = LoadImage(image_only=True, reader="ITKReader")(path)
+        array = np.asarray(loaded, dtype=np.float32)
+        affine = np.asarray(loaded.affine, dtype=np.float64)
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise ImageReadError(f"expected a 2D or 3D image, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+    return array, np.asarray(affine, dtype=np.float64)
+
+
+class VolumeStore:
+    """LRU of prepared volumes keyed by file identity (path, size, mtime) and intensity settings."""
+
+    def __init__(self, intensity: IntensityConfig, capacity: int = 4) -> None:
+        self.intensity = intensity
+        self.capacity = capacity
+        self._items: OrderedDict[str, PreparedVolume] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _identity(self, path: str) -> str:
+        stat = os.stat(path)
+        raw = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{self.intensity.key}"
+        return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+    def get(self, path: str | Path) -> PreparedVolume:
+        path = str(path)
+        if not path or not os.path.exists(path):
+            raise ImageReadError(f"image not found: {path or '(empty)'}")
+        key = self._identity(path)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        try:
+            array, affine = _read(path)
+        except ImageReadError:
+            raise
+        except Exception as error:  # noqa: BLE001 - readers raise many types for a corrupt file
+            raise ImageReadError(f"cannot read image {os.path.basename(path)}: {error}") from error
+        modality, low, high = intensity_bounds(array, self.intensity)
+        volume = PreparedVolume(key, to_uint8(array, low, high), affine, modality)
+        logger.info(
+            "prepared %s: shape %s, %s, range [%.1f, %.1f]", os.path.basename(path), array.shape, modality, low, high
+        )
+        with self._lock:
+            self._items[key] = volume
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return volume

@@ -1,0 +1,1 @@
+"""MONAI Label adapters: infer tasks over lib.engine."""

@@ -1,0 +1,114 @@
+"""The app's configuration: every `--conf key value` option, its default, and a clear error for a bad value."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LABELS = {"structure": 1}
+
+
+class ConfError(ValueError):
+    """A `--conf` value that cannot be used; the message names the key and what it accepts."""
+
+
+def _bool(key: str, value: str) -> bool:
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfError(f"--conf {key} {value!r}: expected true or false")
+
+
+def _number(key: str, value: str, kind: type, minimum: float) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfError(f"--conf {key} {value!r}: expected a {kind.__name__}") from None
+    if number < minimum:
+        raise ConfError(f"--conf {key} {value!r}: must be at least {minimum}")
+    return number
+
+
+def parse_labels(value: str) -> dict[str, int]:
+    """Labels as `a,b,c` (indices 1..n), a JSON list, a JSON {name: index} map, or a path to such a JSON file."""
+    text = value.strip()
+    if text and not text.startswith(("[", "{")) and Path(text).is_file():
+        text = Path(text).read_text()
+    try:
+        parsed = json.loads(text) if text.startswith(("[", "{")) else [s.strip() for s in text.split(",") if s.strip()]
+    except json.JSONDecodeError as error:
+        raise ConfError(f"--conf labels: invalid JSON ({error})") from None
+    if isinstance(parsed, list):
+        parsed = {str(name): i + 1 for i, name in enumerate(parsed)}
+    if not isinstance(parsed, dict) or not parsed:
+        raise ConfError("--conf labels: expected names `a,b`, a JSON list or a JSON {name: index} map")
+    labels = {}
+    for name, index in parsed.items():
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 < index < 256:
+            raise ConfError(f"--conf labels: index of {name!r} must be an integer in 1..255, got {index!r}")
+        labels[str(name)] = index
+    if len(set(labels.values())) != len(labels):
+        raise ConfError("--conf labels: two labels share an index")
+    return labels
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """All options (README lists them with these defaults)."""
+
+    model: str = "lite_medsam"  # a name of lib.model.MODEL_REGISTRY
+    checkpoint: str | None = None  # file or URL overriding the model's default weights
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    cache_mb: int = 1024  # embedding cache budget, shared by all users
+    modality: str = "auto"  # auto | CT | MR
+    ct_window: tuple[float, float] = (40.0, 400.0)  # level, width (HU)
+    prefetch_slices: int = 48  # slices pre-encoded when an image is handed out (0: off)
+    propagation_margin: int = 3  # pixels around the previous slice's mask box
+    propagation_mask_prompt: bool = True  # previous slice's logits as mask prompt
+    encoder_bf16: bool = True  # bfloat16 autocast for the image encoder on CPUs that support it
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str]) -> AppSettings:
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in conf.items():
+            if key not in known:
+                continue  # MONAI Label's own keys (e.g. server_mode) pass through
+            if key in ("model", "device", "modality"):
+                values[key] = str(raw).strip()
+            elif key == "checkpoint":
+                values[key] = str(raw).strip() or None
+            elif key == "labels":
+                values[key] = parse_labels(str(raw))
+            elif key in ("cache_mb", "prefetch_slices", "propagation_margin"):
+                values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
+            elif key in ("propagation_mask_prompt", "encoder_bf16"):
+                values[key] = _bool(key, raw)
+            elif key == "ct_window":
+                parts = str(raw).split(",")
+                if len(parts) != 2:
+                    raise ConfError(f"--conf ct_window {raw!r}: expected level,width such as 40,400")
+                level, width = (_number(key, p, float, -1e9) for p in parts)
+                if width <= 0:
+                    raise ConfError(f"--conf ct_window {raw!r}: width must be positive")
+                values[key] = (level, width)
+        settings = cls(**values)
+        if settings.modality.upper() not in ("AUTO", "CT", "MR"):
+            raise ConfError(f"--conf modality {settings.modality!r}: expected auto, CT or MR")
+        if not (settings.device in ("auto", "cpu", "cuda") or settings.device.startswith("cuda:")):
+            raise ConfError(f"--conf device {settings.device!r}: expected auto, cpu, cuda or cuda:N")
+        return settings
+
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfError(f"--conf device {self.device}: no CUDA device is available on this machine")
+        return self.device
