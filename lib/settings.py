@@ -69,7 +69,8 @@ class AppSettings:
     ct_window: tuple[float, float] = (40.0, 400.0)  # level, width (HU)
     prefetch_slices: int = 48  # slices pre-encoded when an image is handed out (0: off)
     propagation_margin: int = 3  # pixels around the previous slice's mask box
-    propagation_mask_prompt: bool = True  # previous slice's logits as mask prompt
+    propagation_mask_prompt: bool = False  # previous slice's logits as mask prompt (measured worse)
+    focus_context: float = 3.0  # 2D box prompts: segment a window this many times the box (0: whole slice)
     encoder_bf16: bool = True  # bfloat16 autocast for the image encoder on CPUs that support it
 
     @classmethod
@@ -87,6 +88,8 @@ class AppSettings:
                 values[key] = parse_labels(str(raw))
             elif key in ("cache_mb", "prefetch_slices", "propagation_margin"):
                 values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
+            elif key == "focus_context":
+                values[key] = _number(key, raw, float, 0.0)
             elif key in ("propagation_mask_prompt", "encoder_bf16"):
                 values[key] = _bool(key, raw)
             elif key == "ct_window":

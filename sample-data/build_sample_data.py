@@ -31,6 +31,8 @@ from scipy import ndimage
 logger = logging.getLogger("sample-data")
 
 # Neuromorphometrics ROI ids (see neuromorphometrics.csv in deepmriprep) -> product label names.
+# Deep grey structures, each one connected region on an axial slice. The lateral ventricles were left out:
+# on their middle slice the frontal and occipital horns are two regions, which one box cannot prompt.
 STRUCTURES: dict[str, int] = {
     "left_thalamus": 60,
     "right_thalamus": 59,
@@ -40,8 +42,8 @@ STRUCTURES: dict[str, int] = {
     "right_putamen": 57,
     "left_hippocampus": 48,
     "right_hippocampus": 47,
-    "left_lateral_ventricle": 52,
-    "right_lateral_ventricle": 51,
+    "left_pallidum": 56,
+    "right_pallidum": 55,
 }
 LABELS: dict[str, int] = {name: i + 1 for i, name in enumerate(STRUCTURES)}
 DEFAULT_SUBJECTS = 6

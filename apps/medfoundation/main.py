@@ -50,6 +50,7 @@ class MedFoundationApp(MONAILabelApp):
                 ),
                 prefetch_slices=self.settings.prefetch_slices,
                 encoder_bf16=self.settings.encoder_bf16,
+                focus_context=self.settings.focus_context,
             ),
             device=device,
         )

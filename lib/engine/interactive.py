@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from lib.engine.predictor import SlicePrediction, SlicePredictor
+from lib.engine.preprocessing import Window
 from lib.engine.prompts import Prompt
 from lib.engine.volumes import PreparedVolume
 
@@ -30,15 +32,21 @@ class PropagationConfig:
     min_area: stop when a slice's mask has fewer pixels.
     max_growth: stop (outside an roi) when the area grows more than this factor from one slice to the next.
     min_iou: stop (outside an roi) when the decoder's predicted IoU falls below this.
-    prefetch: slices encoded ahead in one batch.
+    prefetch: slices encoded ahead in one batch (whole-slice mode only).
+    context: >0 segments each slice in a focus window this many times the box's size (a zoomed view, which
+        small structures need: a 15-pixel structure covers 4 cells of the 64x64 embedding grid otherwise).
+    keep_connected: drop regions of a slice's mask that do not touch the previous slice's mask (stray blobs
+        would otherwise widen the next box and the drift compounds).
     """
 
     margin: int = 3
-    use_mask_prompt: bool = True
+    use_mask_prompt: bool = False
     min_area: int = 4
     max_growth: float = 2.5
     min_iou: float = 0.5
     prefetch: int = 4
+    context: float = 0.0
+    keep_connected: bool = True
 
 
 @dataclass
@@ -71,23 +79,75 @@ def _grow(box: np.ndarray, margin: int, width: int, height: int) -> np.ndarray:
     )
 
 
-def segment_slice(predictor: SlicePredictor, volume: PreparedVolume, prompt: Prompt, z: int) -> SlicePrediction:
+# Half-sides of the candidate boxes tried around a click, as fractions of the slice's longest side.
+CLICK_BOX_FRACTIONS = (0.03, 0.05, 0.08, 0.12)
+
+
+def click_boxes(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(K, 4) candidate boxes of growing size around the foreground clicks' bounding box."""
+    x0, y0 = points.min(axis=0)
+    x1, y1 = points.max(axis=0)
+    boxes = []
+    for fraction in CLICK_BOX_FRACTIONS:
+        half = max(2, round(fraction * max(width, height)))
+        boxes.append(_grow(np.asarray([x0, y0, x1, y1]), half, width, height))
+    return np.stack(boxes)
+
+
+def _respects_clicks(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> bool:
+    values = mask[points[:, 1], points[:, 0]]
+    return bool(np.all(values == (labels == 1)))
+
+
+def focus(box: np.ndarray | None, volume: PreparedVolume, context: float) -> Window | None:
+    """The focus window for a box (None: whole slice)."""
+    if box is None or context <= 0:
+        return None
+    width, height, _ = volume.shape
+    return Window.around(box, (height, width), context)
+
+
+def keep_connected(mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Keep the connected regions of `mask` that touch `reference` (or the largest one if none does)."""
+    regions, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    touching = np.unique(regions[reference & mask])
+    touching = touching[touching > 0]
+    if len(touching) == 0:
+        sizes = ndimage.sum_labels(mask, regions, index=np.arange(1, count + 1))
+        touching = [int(np.argmax(sizes)) + 1]
+    return np.isin(regions, touching)
+
+
+def segment_slice(
+    predictor: SlicePredictor, volume: PreparedVolume, prompt: Prompt, z: int, context: float = 0.0
+) -> SlicePrediction:
     """Segment slice z from the roi's in-plane box and the clicks on that slice.
 
-    With clicks and no box the one-click ambiguity is resolved by SAM's multimask output (best predicted IoU).
+    Box-trained models (LiteMedSAM) ignore clicks without a box, so clicks alone are turned into candidate
+    boxes of a few sizes around them, decoded in one batch; the candidate whose mask agrees with every click
+    and has the highest predicted IoU wins.
     """
     points, labels = prompt.points_on(z)
     box = prompt.box_2d()
-    multimask = box is None and len(points) == 1
-    return predictor.predict(volume, z, points, labels, box, multimask=multimask)
+    if box is not None or not np.any(labels == 1):
+        return predictor.predict(volume, z, points, labels, box, window=focus(box, volume, context))
+    width, height, _ = volume.shape
+    candidates = predictor.predict_batch(volume, z, points, labels, click_boxes(points[labels == 1], width, height))
+    agreeing = [c for c in candidates if _respects_clicks(c.mask, points, labels)] or candidates
+    return max(agreeing, key=lambda c: c.iou)
 
 
-def segment_2d(predictor: SlicePredictor, volume: PreparedVolume, prompt: Prompt) -> VolumeResult:
-    """Segment the prompted slice; the result is a full-size volume with only that slice set."""
+def segment_2d(predictor: SlicePredictor, volume: PreparedVolume, prompt: Prompt, context: float = 0.0) -> VolumeResult:
+    """Segment the prompted slice; the result is a full-size volume with only that slice set.
+
+    context: >0 segments a box prompt in a focus window this many times the box (see PropagationConfig).
+    """
     begin = time.perf_counter()
     z = prompt.start_slice()
-    was_encoded = predictor.is_encoded(volume, z)
-    prediction = segment_slice(predictor, volume, prompt, z)
+    was_encoded = predictor.is_encoded(volume, z, focus(prompt.box_2d(), volume, context))
+    prediction = segment_slice(predictor, volume, prompt, z, context)
     mask = np.zeros(volume.shape, dtype=bool)
     mask[:, :, z] = prediction.mask.T
     info = {
@@ -111,7 +171,7 @@ def propagate(
     width, height, depth = volume.shape
     z_low, z_high = prompt.z_range(depth)
     z0 = int(np.clip(prompt.start_slice(), z_low, z_high))
-    first = segment_slice(predictor, volume, prompt, z0)
+    first = segment_slice(predictor, volume, prompt, z0, config.context)
     mask = np.zeros(volume.shape, dtype=bool)
     done: list[int] = []
     stops: dict[str, str] = {}
@@ -120,20 +180,22 @@ def propagate(
         done.append(z0)
         for step, limit in ((1, z_high), (-1, z_low)):
             previous, z = first, z0 + step
+            previous_window = focus(prompt.box_2d(), volume, config.context)
             while (z <= limit) if step > 0 else (z >= limit):
-                ahead = [z + step * i for i in range(config.prefetch) if z_low <= z + step * i <= z_high]
-                predictor.encode(volume, ahead)
                 box = bounding_box(previous.mask)
                 assert box is not None
+                box = _grow(box, config.margin, width, height)
+                window = focus(box, volume, config.context)
+                if window is None:  # whole slices: encode a few ahead in one go
+                    ahead = [z + step * i for i in range(config.prefetch) if z_low <= z + step * i <= z_high]
+                    predictor.encode(volume, ahead)
                 points, labels = prompt.points_on(z)
+                use_mask = config.use_mask_prompt and window is None and previous_window is None
                 current = predictor.predict(
-                    volume,
-                    z,
-                    points,
-                    labels,
-                    _grow(box, config.margin, width, height),
-                    previous.low_res_logits if config.use_mask_prompt else None,
+                    volume, z, points, labels, box, previous.low_res_logits if use_mask else None, window=window
                 )
+                if config.keep_connected:
+                    current.mask = keep_connected(current.mask, previous.mask)
                 area, previous_area = int(current.mask.sum()), int(previous.mask.sum())
                 reason = None
                 if area < config.min_area:
@@ -147,7 +209,7 @@ def propagate(
                     break
                 mask[:, :, z] = current.mask.T
                 done.append(z)
-                previous, z = current, z + step
+                previous, previous_window, z = current, window, z + step
     seconds = time.perf_counter() - begin
     info = {
         "slice": z0,

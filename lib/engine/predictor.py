@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lib.engine.cache import EmbeddingCache
-from lib.engine.preprocessing import SliceGeometry
+from lib.engine.preprocessing import SliceGeometry, Window
 from lib.engine.volumes import PreparedVolume
 from lib.model.registry import LoadedModel
 
@@ -72,15 +72,21 @@ class SlicePredictor:
     def network(self):
         return self.model.network
 
-    def geometry(self, volume: PreparedVolume) -> SliceGeometry:
+    def geometry(self, volume: PreparedVolume, window: Window | None = None) -> SliceGeometry:
         x, y, _ = volume.shape
-        return SliceGeometry((y, x), self.network.image_size)
+        shape = (y, x) if window is None else (window.side, window.side)
+        return SliceGeometry(shape, self.network.image_size)
 
-    def _key(self, volume: PreparedVolume, z: int) -> tuple:
-        return (volume.key, int(z), self.model.version)
+    @staticmethod
+    def _image(volume: PreparedVolume, z: int, window: Window | None) -> np.ndarray:
+        image = volume.slice_image(z)
+        return image if window is None else window.crop(image)
 
-    def is_encoded(self, volume: PreparedVolume, z: int) -> bool:
-        return self._key(volume, z) in self.cache
+    def _key(self, volume: PreparedVolume, z: int, window: Window | None = None) -> tuple:
+        return (volume.key, int(z), window, self.model.version)
+
+    def is_encoded(self, volume: PreparedVolume, z: int, window: Window | None = None) -> bool:
+        return self._key(volume, z, window) in self.cache
 
     def _claim(self, keys: list[tuple]) -> tuple[list[tuple], list[threading.Event]]:
         """Split keys into those this thread must encode and events of those another thread is encoding."""
@@ -98,15 +104,15 @@ class SlicePredictor:
         return mine, waits
 
     @torch.no_grad()
-    def encode(self, volume: PreparedVolume, slices: Iterable[int]) -> int:
-        """Make sure the given slices are in the cache; returns how many were encoded now."""
-        geometry = self.geometry(volume)
-        keys = [self._key(volume, z) for z in dict.fromkeys(int(z) for z in slices)]
+    def encode(self, volume: PreparedVolume, slices: Iterable[int], window: Window | None = None) -> int:
+        """Make sure the given slices (or a window of them) are in the cache; returns how many were encoded now."""
+        geometry = self.geometry(volume, window)
+        keys = [self._key(volume, z, window) for z in dict.fromkeys(int(z) for z in slices)]
         mine, waits = self._claim(keys)
         try:
             for start in range(0, len(mine), self.encode_batch):
                 batch = mine[start : start + self.encode_batch]
-                pixels = geometry.pixels(np.stack([volume.slice_image(k[1]) for k in batch])).to(self.device)
+                pixels = geometry.pixels(np.stack([self._image(volume, k[1], window) for k in batch])).to(self.device)
                 begin = time.perf_counter()
                 embeddings = self._encode(pixels).to(self.storage_dtype).cpu()
                 for key, embedding in zip(batch, embeddings, strict=False):
@@ -132,16 +138,16 @@ class SlicePredictor:
         if event is not None:
             event.set()
 
-    def embedding(self, volume: PreparedVolume, z: int) -> torch.Tensor:
-        """(1, 256, h, w) float32 embedding of slice z, from the cache or encoded now."""
-        key = self._key(volume, z)
+    def embedding(self, volume: PreparedVolume, z: int, window: Window | None = None) -> torch.Tensor:
+        """(1, 256, h, w) float32 embedding of slice z (or a window of it), from the cache or encoded now."""
+        key = self._key(volume, z, window)
         cached = self.cache.get(key)
         if cached is None:
-            self.encode(volume, [z])
+            self.encode(volume, [z], window)
             cached = self.cache.get(key)
             if cached is None:  # larger than the whole cache budget: encode without keeping it
-                geometry = self.geometry(volume)
-                cached = self._encode(geometry.pixels(volume.slice_image(z)[None]).to(self.device))[0]
+                geometry = self.geometry(volume, window)
+                cached = self._encode(geometry.pixels(self._image(volume, z, window)[None]).to(self.device))[0]
         return cached.to(self.device, torch.float32).unsqueeze(0)
 
     @torch.no_grad()
@@ -154,6 +160,7 @@ class SlicePredictor:
         box: np.ndarray | None = None,
         mask_input: torch.Tensor | None = None,
         multimask: bool = False,
+        window: Window | None = None,
     ) -> SlicePrediction:
         """Segment slice z from a prompt.
 
@@ -162,19 +169,46 @@ class SlicePredictor:
             box: (4,) x0, y0, x1, y1 inclusive slice pixel bounds.
             mask_input: (1, 1, 256, 256) low-res logits of a neighbouring prediction.
             multimask: ask for three masks and keep the one with the highest predicted IoU (one-click ambiguity).
+            window: segment within this focus window of the slice (a zoomed view) instead of the whole slice.
         """
-        geometry = self.geometry(volume)
-        embedding = self.embedding(volume, z)
+        boxes = None if box is None else np.asarray(box)[None]
+        return self.predict_batch(volume, z, points_xy, point_labels, boxes, mask_input, multimask, window)[0]
+
+    @torch.no_grad()
+    def predict_batch(
+        self,
+        volume: PreparedVolume,
+        z: int,
+        points_xy: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+        mask_input: torch.Tensor | None = None,
+        multimask: bool = False,
+        window: Window | None = None,
+    ) -> list[SlicePrediction]:
+        """Like `predict`, for B candidate boxes (B, 4) sharing the same points, in one decoder call."""
+        geometry = self.geometry(volume, window)
+        embedding = self.embedding(volume, z, window)
+        if window is not None:
+            points_xy = None if points_xy is None else window.to_window(points_xy)
+            boxes = None if boxes is None else window.to_window(boxes)
+        batch = 1 if boxes is None else len(boxes)
         points = None
         if points_xy is not None and len(points_xy):
-            coords = torch.as_tensor(geometry.points(points_xy), device=self.device)[None]
-            labels = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)[None]
+            coords = torch.as_tensor(geometry.points(points_xy), device=self.device)[None].expand(batch, -1, -1)
+            labels = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)[None].expand(batch, -1)
             points = (coords, labels)
-        boxes = None if box is None else torch.as_tensor(geometry.box(box), device=self.device)[None]
+        box_tensor = None
+        if boxes is not None:
+            box_tensor = torch.as_tensor(np.stack([geometry.box(b) for b in boxes]), device=self.device)
         if mask_input is not None:
-            mask_input = mask_input.to(self.device)
-        logits, iou = self.network.decode(embedding, points, boxes, mask_input, multimask_output=multimask)
-        best = int(torch.argmax(iou[0])) if multimask else 0
-        low_res = logits[:, best : best + 1]
-        full = geometry.low_res_to_slice(low_res)[0, 0]
-        return SlicePrediction((full > 0).cpu().numpy(), low_res.cpu(), float(iou[0, best]))
+            mask_input = mask_input.to(self.device).expand(batch, -1, -1, -1)
+        logits, iou = self.network.decode(embedding, points, box_tensor, mask_input, multimask_output=multimask)
+        best = torch.argmax(iou, dim=1) if multimask else torch.zeros(batch, dtype=torch.int64)
+        index = torch.arange(batch)
+        low_res = logits[index, best][:, None]
+        masks = (geometry.low_res_to_slice(low_res)[:, 0] > 0).cpu().numpy()
+        if window is not None:
+            x, y, _ = volume.shape
+            masks = np.stack([window.paste(m, (y, x)) for m in masks])
+        return [SlicePrediction(masks[i], low_res[i : i + 1].cpu(), float(iou[i, best[i]])) for i in range(batch)]

@@ -104,3 +104,57 @@ class SliceGeometry:
         x = F.pad(x, (0, self.image_size - self.resized_shape[1], 0, self.image_size - self.resized_shape[0]))
         x = F.interpolate(x, size=low_res_size, mode="bilinear", align_corners=False)
         return (x * 2 - 1) * scale
+
+
+# Window sides (pixels) a focus window snaps to, so nearby boxes share one cached embedding.
+WINDOW_SIDES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A square region of a slice, x0/y0 its top-left pixel (may lie outside the slice: padded with zeros)."""
+
+    x0: int
+    y0: int
+    side: int
+
+    @classmethod
+    def around(cls, box: np.ndarray, slice_shape: tuple[int, int], context: float) -> Window | None:
+        """A window `context` times the box's longest side, snapped to WINDOW_SIDES and a side/8 grid.
+
+        Returns None when the window would not be smaller than the slice (then the full slice is used).
+        """
+        height, width = slice_shape
+        extent = max(box[2] - box[0] + 1, box[3] - box[1] + 1) * context
+        side = next((s for s in WINDOW_SIDES if s >= extent), WINDOW_SIDES[-1])
+        if side >= max(height, width):
+            return None
+        step = max(1, side // 8)
+        cx, cy = (box[0] + box[2] + 1) / 2, (box[1] + box[3] + 1) / 2
+        return cls(int(round((cx - side / 2) / step) * step), int(round((cy - side / 2) / step) * step), side)
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) -> (side, side), zero outside the slice."""
+        out = np.zeros((self.side, self.side), dtype=image.dtype)
+        ys, xs = self._overlap(image.shape)
+        out[ys[1], xs[1]] = image[ys[0], xs[0]]
+        return out
+
+    def paste(self, mask: np.ndarray, slice_shape: tuple[int, int]) -> np.ndarray:
+        """(side, side) -> (H, W), False outside the window."""
+        out = np.zeros(slice_shape, dtype=mask.dtype)
+        ys, xs = self._overlap(slice_shape)
+        out[ys[0], xs[0]] = mask[ys[1], xs[1]]
+        return out
+
+    def _overlap(self, shape: tuple[int, ...]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        def axis(start: int, size: int) -> tuple[slice, slice]:
+            low, high = max(0, start), min(size, start + self.side)
+            return slice(low, max(low, high)), slice(low - start, max(low, high) - start)
+
+        return axis(self.y0, shape[0]), axis(self.x0, shape[1])
+
+    def to_window(self, xy: np.ndarray) -> np.ndarray:
+        """(..., 2) slice xy -> window xy; boxes (x0, y0, x1, y1) work too."""
+        offset = np.asarray([self.x0, self.y0] * (np.shape(xy)[-1] // 2))
+        return np.asarray(xy) - offset

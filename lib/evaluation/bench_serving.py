@@ -1,0 +1,202 @@
+"""Benchmark of the serving path: accuracy from ground-truth prompts and latency, through the real HTTP API.
+
+    python -m lib.evaluation.bench_serving --data sample-data/build --out bench-results [--quick]
+
+Starts `monailabel start_server --app apps/medfoundation` on the sample studies, drives it with
+`monailabel.client.MONAILabelClient` (the Slicer module's client), and writes `results.json` and `report.md`.
+Prompts follow the CVPR 2025 interactive 3D challenge: a 2D box on the structure's middle slice, plus its
+z-range for 3D; a click is the most interior pixel of the middle slice's cross-section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import psutil
+from monailabel.client import MONAILabelClient
+
+from lib.evaluation.ground_truth import box_on_slice, centre_click, dice, middle_slice, roi_3d
+from lib.evaluation.server import ServerProcess
+
+logger = logging.getLogger("bench")
+
+# Measured on this 2-core machine with MONAI Label 0.8.5's sample radiology app (shared/DESIGN.md).
+MONAILABEL_SAM2 = {"sam_2d_seconds_per_click": "2.0-3.7", "sam_3d_seconds_32_slices": 63.0}
+
+
+class PeakMemory:
+    """Samples the resident memory of a process and its children every 0.2 s; `.peak` in bytes."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rss = self.process.memory_info().rss + sum(c.memory_info().rss for c in self.process.children(True))
+                self.peak = max(self.peak, rss)
+            except psutil.Error:
+                pass
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_infer(client: MONAILabelClient, model: str, image: str, params: dict) -> tuple[float, np.ndarray, dict]:
+    begin = time.perf_counter()
+    result_file, info = client.infer(model, image, params)
+    seconds = time.perf_counter() - begin
+    data = np.asarray(nib.load(result_file).dataobj) if result_file.endswith((".nii", ".nii.gz")) else None
+    Path(result_file).unlink(missing_ok=True)
+    return seconds, data, info
+
+
+def run(data: Path, out: Path, subjects: int, repeats: int) -> dict:
+    labels = json.loads((data / "labels.json").read_text())
+    images = sorted(p.name.removesuffix(".nii.gz") for p in (data / "studies").glob("*.nii.gz"))[:subjects]
+    studies = Path(tempfile.mkdtemp(prefix="bench-studies-"))
+    for image in images:
+        (studies / f"{image}.nii.gz").symlink_to((data / "studies" / f"{image}.nii.gz").resolve())
+    conf = {"labels": str(data / "labels.json"), "prefetch_slices": "0"}
+    per_structure: dict[str, dict[str, list[float]]] = {name: {} for name in labels}
+    latency: dict[str, list[float]] = {}
+    propagation: list[dict] = []
+    with ServerProcess(studies, out / "server.log", conf) as server, PeakMemory(server.pid) as memory:
+        client = MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(prefix="bench-client-"))
+        for image in images:
+            truth_all = np.asarray(nib.load(data / "ground-truth" / f"{image}.nii.gz").dataobj)
+            for name, index in labels.items():
+                truth = truth_all == index
+                if not truth.any():
+                    continue
+                z = middle_slice(truth)
+                box = box_on_slice(truth, z)
+                seconds, mask, info = timed_infer(client, "foundation_2d", image, {"roi": box})
+                latency.setdefault("first_click_new_slice" if not info["cached_embedding"] else "click_cached", [])
+                latency["first_click_new_slice" if not info["cached_embedding"] else "click_cached"].append(seconds)
+                per_structure[name].setdefault("dice_2d_box", []).append(dice(mask[:, :, z], truth[:, :, z]))
+                click = centre_click(truth[:, :, z]) + [z]
+                seconds, mask, _ = timed_infer(client, "foundation_2d", image, {"foreground": [click]})
+                latency.setdefault("click_only_cached", []).append(seconds)
+                per_structure[name].setdefault("dice_2d_click", []).append(dice(mask[:, :, z], truth[:, :, z]))
+                seconds, mask, info = timed_infer(client, "foundation", image, {"roi": roi_3d(truth)})
+                per_structure[name].setdefault("dice_3d_box", []).append(dice(mask, truth))
+                propagation.append({"image": image, "structure": name, "seconds": seconds, **info})
+                logger.info(
+                    "%s %s: 2D box %.3f, 2D click %.3f, 3D %.3f (%.1f s, %d slices)",
+                    image,
+                    name,
+                    per_structure[name]["dice_2d_box"][-1],
+                    per_structure[name]["dice_2d_click"][-1],
+                    per_structure[name]["dice_3d_box"][-1],
+                    seconds,
+                    info["slices_segmented"],
+                )
+        # repeated clicks on an encoded slice, in the formats the clients ask for
+        truth = np.asarray(nib.load(data / "ground-truth" / f"{images[0]}.nii.gz").dataobj) == 1
+        z = middle_slice(truth)
+        formats = {
+            "repeat_click_niigz": {},
+            "repeat_click_nii": {"result_extension": ".nii", "result_compress": False},
+            "repeat_click_nrrd_ohif": {"result_extension": ".nrrd", "result_compress": False},
+        }
+        for key, extra in formats.items():
+            for _ in range(repeats):
+                params = {"roi": box_on_slice(truth, z), **extra}
+                latency.setdefault(key, []).append(timed_infer(client, "foundation_2d", images[0], params)[0])
+        peak_memory = memory.peak
+
+    def mean(values):
+        return round(float(np.mean(values)), 4) if values else None
+
+    summary = {name: {k: mean(v) for k, v in scores.items()} for name, scores in per_structure.items() if scores}
+    overall = {k: mean([s[k] for s in summary.values()]) for k in ("dice_2d_box", "dice_2d_click", "dice_3d_box")}
+    slices = sum(p["slices_segmented"] for p in propagation)
+    results = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "images": images,
+        "accuracy": {"mean_over_structures": overall, "per_structure": summary},
+        "latency_seconds": {k: {"median": round(statistics.median(v), 4), "n": len(v)} for k, v in latency.items()},
+        "propagation_seconds_per_slice": round(sum(p["seconds"] for p in propagation) / max(1, slices), 4),
+        "server_peak_rss_mb": round(peak_memory / 2**20),
+        "anchors_monailabel_sam2_same_machine": MONAILABEL_SAM2,
+    }
+    return results
+
+
+def report(results: dict) -> str:
+    acc = results["accuracy"]
+    lines = [
+        f"# Serving benchmark ({results['date']}, {results['machine']})",
+        "",
+        f"Images: {', '.join(results['images'])}. Prompts from ground truth: a box on the structure's middle",
+        "slice (3D adds its z-range); a click at the most interior pixel of that slice's cross-section.",
+        "",
+        "| structure | 2D box Dice | 2D one-click Dice | 3D box Dice |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, scores in acc["per_structure"].items():
+        lines.append(
+            f"| {name} | {scores['dice_2d_box']:.3f} | {scores['dice_2d_click']:.3f} | {scores['dice_3d_box']:.3f} |"
+        )
+    m = acc["mean_over_structures"]
+    lines += [
+        f"| **mean** | **{m['dice_2d_box']:.3f}** | **{m['dice_2d_click']:.3f}** | **{m['dice_3d_box']:.3f}** |",
+        "",
+        "| latency (HTTP, end to end) | median | n |",
+        "| --- | --- | --- |",
+    ]
+    for key, value in results["latency_seconds"].items():
+        lines.append(f"| {key} | {value['median'] * 1000:.0f} ms | {value['n']} |")
+    lines += [
+        f"| 3D propagation per slice | {results['propagation_seconds_per_slice'] * 1000:.0f} ms | |",
+        "",
+        f"Server peak memory: {results['server_peak_rss_mb']} MB.",
+        "MONAI Label's SAM2 tasks on the same machine (DESIGN.md): sam_2d 2.0-3.7 s per click,",
+        "sam_3d 63 s for 32 slices.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("sample-data/build"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--subjects", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="one subject, 10 repeats")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.quick:
+        args.subjects, args.repeats = 1, 10
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run(args.data, args.out, args.subjects, args.repeats)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "report.md").write_text(report(results))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Start and stop a real `monailabel start_server` for tests and benchmarks (loopback only, stopped by PID)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`monailabel start_server --app apps/medfoundation` as a child process.
+
+    Args:
+        studies: the studies folder (or DICOMweb URL).
+        log: file receiving the server's output.
+        conf: extra `--conf key value` pairs.
+    """
+
+    def __init__(self, studies: Path | str, log: Path, conf: dict[str, str] | None = None, port: int | None = None):
+        self.studies = str(studies)
+        self.log = Path(log)
+        self.conf = conf or {}
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> ServerProcess:
+        command = [
+            sys.executable, "-m", "monailabel.main", "start_server",
+            "--app", str(REPO / "apps" / "medfoundation"), "--studies", self.studies,
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]  # fmt: skip
+        for key, value in self.conf.items():
+            command += ["--conf", key, str(value)]
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as handle:
+            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.process is not None
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/info/", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=20)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

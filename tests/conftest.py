@@ -1,0 +1,65 @@
+"""Shared fixtures: sample data built fresh for the run, the real LiteMedSAM model, a real MONAI Label server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lib.evaluation.server import ServerProcess  # noqa: E402
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("build_sample_data", REPO / "sample-data" / "build_sample_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """Two sample studies built by the real builder into a fresh folder (never what an earlier run left)."""
+    out = tmp_path_factory.mktemp("sample-data")
+    builder = _load_builder()
+    builder.build(out, subjects=2, seed=builder.DEFAULT_SEED)
+    return out
+
+
+@pytest.fixture(scope="session")
+def labels(sample_data) -> dict[str, int]:
+    return json.loads((sample_data / "labels.json").read_text())
+
+
+def load_truth(sample_data: Path, subject: str) -> np.ndarray:
+    return np.asarray(nib.load(sample_data / "ground-truth" / f"{subject}.nii.gz").dataobj)
+
+
+@pytest.fixture(scope="session")
+def lite_model(tmp_path_factory):
+    from lib.model import build_model
+
+    return build_model("lite_medsam", model_dir=tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def server(sample_data, tmp_path_factory):
+    """`monailabel start_server --app apps/medfoundation` on a copy of the sample studies, on loopback.
+
+    Yields (url, studies folder, log path); stopped by its PID at the end.
+    """
+    studies = tmp_path_factory.mktemp("studies")
+    for image in sorted((sample_data / "studies").glob("*.nii.gz")):
+        shutil.copy(image, studies / image.name)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    conf = {"labels": str(sample_data / "labels.json"), "prefetch_slices": "4"}
+    with ServerProcess(studies, log, conf) as process:
+        yield process.url, studies, log

@@ -1,0 +1,60 @@
+"""The embedding cache stays within its byte budget; `--conf` values are parsed or refused clearly."""
+
+import json
+
+import pytest
+import torch
+
+from lib.engine.cache import EmbeddingCache
+from lib.settings import AppSettings, ConfError, parse_labels
+
+
+def test_cache_evicts_least_recently_used_within_budget():
+    one = torch.zeros(256, dtype=torch.float32)  # 1 KiB
+    cache = EmbeddingCache(budget_bytes=3 * 1024)
+    for key in "abc":
+        cache.put(key, one.clone())
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("d", one.clone())
+    assert "b" not in cache and all(k in cache for k in "acd")
+    assert cache.nbytes <= cache.budget_bytes
+    assert cache.stats()["hits"] == 1
+
+
+def test_cache_ignores_an_item_larger_than_the_budget():
+    cache = EmbeddingCache(budget_bytes=100)
+    cache.put("big", torch.zeros(1000))
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_labels_accept_names_list_map_and_file(tmp_path):
+    assert parse_labels("liver, spleen") == {"liver": 1, "spleen": 2}
+    assert parse_labels('["a", "b"]') == {"a": 1, "b": 2}
+    assert parse_labels('{"a": 3, "b": 7}') == {"a": 3, "b": 7}
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"x": 2}))
+    assert parse_labels(str(path)) == {"x": 2}
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"labels": '{"a": 0}'}, "1..255"),
+        ({"labels": '{"a": 1, "b": 1}'}, "share an index"),
+        ({"labels": "{bad json"}, "invalid JSON"),
+        ({"cache_mb": "lots"}, "expected a int"),
+        ({"cache_mb": "1"}, "at least 16"),
+        ({"encoder_bf16": "maybe"}, "true or false"),
+        ({"modality": "PET"}, "auto, CT or MR"),
+        ({"ct_window": "40"}, "level,width"),
+        ({"device": "tpu"}, "auto, cpu, cuda"),
+    ],
+)
+def test_bad_conf_values_name_the_key(conf, message):
+    with pytest.raises(ConfError, match=message):
+        AppSettings.from_conf(conf)
+
+
+def test_defaults_and_passthrough_keys():
+    settings = AppSettings.from_conf({"server_mode": "true", "cache_mb": "64", "ct_window": "50,350"})
+    assert settings.model == "lite_medsam" and settings.cache_mb == 64 and settings.ct_window == (50.0, 350.0)

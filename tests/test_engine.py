@@ -1,0 +1,71 @@
+"""The engine on real sample anatomy with the real LiteMedSAM weights (no server)."""
+
+import numpy as np
+import pytest
+
+from conftest import load_truth
+from lib.engine.cache import EmbeddingCache
+from lib.engine.interactive import propagate, segment_2d
+from lib.engine.predictor import SlicePredictor
+from lib.engine.preprocessing import IntensityConfig, intensity_bounds, to_uint8
+from lib.engine.prompts import Prompt
+from lib.engine.volumes import ImageReadError, VolumeStore
+from lib.evaluation.ground_truth import box_on_slice, dice, middle_slice, roi_3d
+
+
+@pytest.fixture(scope="module")
+def engine(lite_model, sample_data):
+    predictor = SlicePredictor(lite_model, EmbeddingCache(512 << 20))
+    volume = VolumeStore(IntensityConfig()).get(sample_data / "studies" / "sub-01.nii.gz")
+    return predictor, volume, load_truth(sample_data, "sub-01")
+
+
+def test_ct_is_windowed_and_mr_percentile_scaled():
+    ct = np.full((4, 4, 4), -1000.0)
+    ct[1:3, 1:3, 1:3] = 40.0
+    modality, low, high = intensity_bounds(ct, IntensityConfig())
+    assert (modality, low, high) == ("CT", -160.0, 240.0)
+    assert to_uint8(np.array([-1000.0, 40.0, 3000.0]), low, high).tolist() == [0, 127, 255]
+    mr = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    assert intensity_bounds(mr, IntensityConfig())[0] == "MR"
+
+
+def test_box_prompt_on_real_slices_reaches_dice_08(engine, labels):
+    predictor, volume, truth = engine
+    scores = []
+    for name in ("left_thalamus", "right_putamen", "left_caudate", "left_hippocampus"):
+        structure = truth == labels[name]
+        z = middle_slice(structure)
+        result = segment_2d(predictor, volume, Prompt.from_request({"roi": box_on_slice(structure, z)}, volume.shape))
+        scores.append(dice(result.mask[:, :, z], structure[:, :, z]))
+        assert result.mask.sum() == result.mask[:, :, z].sum(), "2D writes only the prompted slice"
+    assert np.mean(scores) >= 0.8, scores
+
+
+def test_second_click_on_a_slice_does_not_run_the_encoder(engine):
+    predictor, volume, _ = engine
+    prompt = Prompt.from_request({"roi": [60, 80, 80, 110, 70, 70]}, volume.shape)
+    segment_2d(predictor, volume, prompt)
+    encoded = predictor.encoded_slices
+    second = segment_2d(predictor, volume, Prompt.from_request({"roi": [62, 78, 82, 108, 70, 70]}, volume.shape))
+    assert predictor.encoded_slices == encoded and second.info["cached_embedding"] is True
+
+
+@pytest.mark.slow
+def test_propagation_stays_in_the_roi_and_follows_the_structure(engine, labels):
+    predictor, volume, truth = engine
+    structure = truth == labels["right_putamen"]
+    roi = roi_3d(structure)
+    result = propagate(predictor, volume, Prompt.from_request({"roi": roi}, volume.shape))
+    zs = np.nonzero(result.mask.any(axis=(0, 1)))[0]
+    assert roi[4] <= zs.min() and zs.max() <= roi[5]
+    assert dice(result.mask, structure) >= 0.6
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08 not really a gzip")
+    with pytest.raises(ImageReadError, match="cannot read image broken.nii.gz"):
+        VolumeStore(IntensityConfig()).get(bad)
+    with pytest.raises(ImageReadError, match="not found"):
+        VolumeStore(IntensityConfig()).get(tmp_path / "absent.nii.gz")
