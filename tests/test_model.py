@@ -70,3 +70,12 @@ def test_missing_file_and_offline_url_say_where_to_put_the_weights(tmp_path):
     with pytest.raises(CheckpointError, match=r"put it at .*sam\.pth"):
         resolve_checkpoint(source, tmp_path)
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_mobile_sam_weights_load_from_the_optional_package(tmp_path):
+    # the natural-image path of the two (arXiv 2411.02745): MobileSAM's own TinyViT at 1024x1024
+    model = build_model("mobile_sam", model_dir=tmp_path)
+    assert model.checkpoint.stat().st_size == 40_728_226
+    assert model.network.image_size == 1024
+    logits, _ = model.network.decode(torch.zeros(1, 256, 64, 64), None, torch.tensor([[100.0, 100, 400, 400]]), None)
+    assert logits.shape == (1, 1, 256, 256)

@@ -148,7 +148,7 @@ def segment_2d(predictor: SlicePredictor, volume: PreparedVolume, prompt: Prompt
     z = prompt.start_slice()
     was_encoded = predictor.is_encoded(volume, z, focus(prompt.box_2d(), volume, context))
     prediction = segment_slice(predictor, volume, prompt, z, context)
-    mask = np.zeros(volume.shape, dtype=bool)
+    mask = np.zeros(volume.shape, dtype=bool, order="F")  # F order: NIfTI/NRRD write it in one copy
     mask[:, :, z] = prediction.mask.T
     info = {
         "slice": z,
@@ -172,7 +172,7 @@ def propagate(
     z_low, z_high = prompt.z_range(depth)
     z0 = int(np.clip(prompt.start_slice(), z_low, z_high))
     first = segment_slice(predictor, volume, prompt, z0, config.context)
-    mask = np.zeros(volume.shape, dtype=bool)
+    mask = np.zeros(volume.shape, dtype=bool, order="F")  # F order: NIfTI/NRRD write it in one copy
     done: list[int] = []
     stops: dict[str, str] = {}
     if first.mask.sum() >= config.min_area:

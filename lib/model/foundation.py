@@ -37,6 +37,15 @@ class FoundationModel(nn.Module):
         self.image_size = image_size
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self._dense_pe: torch.Tensor | None = None
+
+    def dense_pe(self) -> torch.Tensor:
+        """(1, 256, 64, 64) positional encoding of the embedding grid; constant, so computed once per device."""
+        reference = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        if self._dense_pe is None or self._dense_pe.device != reference.device:
+            with torch.no_grad():
+                self._dense_pe = self.prompt_encoder.get_dense_pe()
+        return self._dense_pe
 
     @property
     def mask_input_size(self) -> tuple[int, int]:
@@ -74,7 +83,7 @@ class FoundationModel(nn.Module):
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
         return self.mask_decoder(
             image_embeddings=embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,

