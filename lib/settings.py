@@ -72,6 +72,7 @@ class AppSettings:
     propagation_mask_prompt: bool = False  # previous slice's logits as mask prompt (measured worse)
     focus_context: float = 3.0  # 2D box prompts: segment a window this many times the box (0: whole slice)
     encoder_bf16: bool = True  # bfloat16 autocast for the image encoder on CPUs that support it
+    compile_decoder: bool = True  # torch.compile the decoder for common prompt shapes, in the background
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
@@ -90,7 +91,7 @@ class AppSettings:
                 values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
             elif key == "focus_context":
                 values[key] = _number(key, raw, float, 0.0)
-            elif key in ("propagation_mask_prompt", "encoder_bf16"):
+            elif key in ("propagation_mask_prompt", "encoder_bf16", "compile_decoder"):
                 values[key] = _bool(key, raw)
             elif key == "ct_window":
                 parts = str(raw).split(",")

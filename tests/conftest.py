@@ -60,6 +60,7 @@ def server(sample_data, tmp_path_factory):
     for image in sorted((sample_data / "studies").glob("*.nii.gz")):
         shutil.copy(image, studies / image.name)
     log = tmp_path_factory.mktemp("server") / "server.log"
-    conf = {"labels": str(sample_data / "labels.json"), "prefetch_slices": "4"}
+    # compiling the decoder takes a minute of CPU in the background; tests/test_compiled_decoder.py covers it
+    conf = {"labels": str(sample_data / "labels.json"), "prefetch_slices": "4", "compile_decoder": "false"}
     with ServerProcess(studies, log, conf) as process:
         yield process.url, studies, log

@@ -46,11 +46,14 @@ class MedFoundationApp(MONAILabelApp):
                 cache_bytes=self.settings.cache_mb << 20,
                 intensity=IntensityConfig(self.settings.modality, self.settings.ct_window),
                 propagation=PropagationConfig(
-                    margin=self.settings.propagation_margin, use_mask_prompt=self.settings.propagation_mask_prompt
+                    margin=self.settings.propagation_margin,
+                    use_mask_prompt=self.settings.propagation_mask_prompt,
+                    first_context=self.settings.focus_context,  # the prompted slice gets what 2D would give
                 ),
                 prefetch_slices=self.settings.prefetch_slices,
                 encoder_bf16=self.settings.encoder_bf16,
                 focus_context=self.settings.focus_context,
+                compile_decoder=self.settings.compile_decoder,
             ),
             device=device,
         )

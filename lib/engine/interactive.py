@@ -35,6 +35,7 @@ class PropagationConfig:
     prefetch: slices encoded ahead in one batch (whole-slice mode only).
     context: >0 segments each slice in a focus window this many times the box's size (a zoomed view, which
         small structures need: a 15-pixel structure covers 4 cells of the 64x64 embedding grid otherwise).
+    first_context: like `context`, for the prompted slice only (the rest of the walk uses `context`).
     keep_connected: drop regions of a slice's mask that do not touch the previous slice's mask (stray blobs
         would otherwise widen the next box and the drift compounds).
     """
@@ -47,6 +48,7 @@ class PropagationConfig:
     prefetch: int = 4
     context: float = 0.0
     keep_connected: bool = True
+    first_context: float = 0.0
 
 
 @dataclass
@@ -171,7 +173,7 @@ def propagate(
     width, height, depth = volume.shape
     z_low, z_high = prompt.z_range(depth)
     z0 = int(np.clip(prompt.start_slice(), z_low, z_high))
-    first = segment_slice(predictor, volume, prompt, z0, config.context)
+    first = segment_slice(predictor, volume, prompt, z0, config.first_context or config.context)
     mask = np.zeros(volume.shape, dtype=bool, order="F")  # F order: NIfTI/NRRD write it in one copy
     done: list[int] = []
     stops: dict[str, str] = {}
@@ -180,7 +182,7 @@ def propagate(
         done.append(z0)
         for step, limit in ((1, z_high), (-1, z_low)):
             previous, z = first, z0 + step
-            previous_window = focus(prompt.box_2d(), volume, config.context)
+            previous_window = focus(prompt.box_2d(), volume, config.first_context or config.context)
             while (z <= limit) if step > 0 else (z >= limit):
                 box = bounding_box(previous.mask)
                 assert box is not None

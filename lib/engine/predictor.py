@@ -17,6 +17,7 @@ import torch
 from lib.engine.cache import EmbeddingCache
 from lib.engine.preprocessing import SliceGeometry, Window
 from lib.engine.volumes import PreparedVolume
+from lib.model.compiled import CompiledDecoder
 from lib.model.registry import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class SlicePredictor:
         encode_batch: slices per encoder call when several are missing.
         storage_dtype: dtype embeddings are cached in (float16 halves the memory at no visible cost).
         encoder_autocast: run the image encoder under bfloat16 autocast (about 2x faster on CPUs with AMX).
+        compile_decoder: compile the mask decoder for the common prompt shapes, in the background (2x faster).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class SlicePredictor:
         encode_batch: int = 4,
         storage_dtype: torch.dtype = torch.float16,
         encoder_autocast: bool = False,
+        compile_decoder: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -64,6 +67,10 @@ class SlicePredictor:
         self.encode_batch = encode_batch
         self.storage_dtype = storage_dtype
         self.encoder_autocast = encoder_autocast
+        self.decode = model.network.decode
+        if compile_decoder:
+            self.decode = CompiledDecoder(model.network)
+            self.decode.warm_up_in_background()
         self._in_flight: dict[tuple, threading.Event] = {}
         self._in_flight_lock = threading.Lock()
         self.encoded_slices = 0
@@ -203,7 +210,7 @@ class SlicePredictor:
             box_tensor = torch.as_tensor(np.stack([geometry.box(b) for b in boxes]), device=self.device)
         if mask_input is not None:
             mask_input = mask_input.to(self.device).expand(batch, -1, -1, -1)
-        logits, iou = self.network.decode(embedding, points, box_tensor, mask_input, multimask_output=multimask)
+        logits, iou = self.decode(embedding, points, box_tensor, mask_input, multimask_output=multimask)
         best = torch.argmax(iou, dim=1) if multimask else torch.zeros(batch, dtype=torch.int64)
         index = torch.arange(batch)
         low_res = logits[index, best][:, None]
