@@ -42,7 +42,7 @@ test: venv
 	$(PY) -m pytest -v $(PYTEST_ARGS)
 
 bench: venv data
-	$(PY) -m lib.evaluation.bench_serving --data $(DATA) --out bench-results
+	$(PY) -m lib.evaluation.bench_serving --data $(DATA) --out bench-results $(if $(QUICK),--quick,)
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

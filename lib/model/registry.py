@@ -115,6 +115,22 @@ def _bundled_mobile_sam() -> Path | None:
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 _SAM_HINT = "Official SAM weights: https://github.com/facebookresearch/segment-anything#model-checkpoints"
 
+
+def _official_sam(
+    variant: str, embed_dim: int, depth: int, num_heads: int, global_attn: tuple[int, ...], filename: str
+) -> ModelSpec:
+    """SAM ViT-B/L/H as released by Meta (natural images, 1024x1024), downloadable from the official URL."""
+    return ModelSpec(
+        name=f"sam_vit_{variant}",
+        description=f"SAM ViT-{variant.upper()} (natural images, 1024x1024)",
+        image_size=1024,
+        build_encoder=partial(_vit, embed_dim, depth, num_heads, global_attn),
+        pixel_mean=SAM_PIXEL_MEAN,
+        pixel_std=SAM_PIXEL_STD,
+        checkpoint=CheckpointSource(filename, _SAM_URL + filename, hint=_SAM_HINT),
+    )
+
+
 MODEL_REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
@@ -157,32 +173,13 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
                 hint="MedSAM weights: https://github.com/bowang-lab/MedSAM#model-checkpoints",
             ),
         ),
-        ModelSpec(
-            name="sam_vit_b",
-            description="SAM ViT-B (natural images, 1024x1024)",
-            image_size=1024,
-            build_encoder=partial(_vit, 768, 12, 12, (2, 5, 8, 11)),
-            pixel_mean=SAM_PIXEL_MEAN,
-            pixel_std=SAM_PIXEL_STD,
-            checkpoint=CheckpointSource("sam_vit_b_01ec64.pth", _SAM_URL + "sam_vit_b_01ec64.pth", hint=_SAM_HINT),
-        ),
-        ModelSpec(
-            name="sam_vit_l",
-            description="SAM ViT-L (natural images, 1024x1024)",
-            image_size=1024,
-            build_encoder=partial(_vit, 1024, 24, 16, (5, 11, 17, 23)),
-            pixel_mean=SAM_PIXEL_MEAN,
-            pixel_std=SAM_PIXEL_STD,
-            checkpoint=CheckpointSource("sam_vit_l_0b3195.pth", _SAM_URL + "sam_vit_l_0b3195.pth", hint=_SAM_HINT),
-        ),
-        ModelSpec(
-            name="sam_vit_h",
-            description="SAM ViT-H (natural images, 1024x1024)",
-            image_size=1024,
-            build_encoder=partial(_vit, 1280, 32, 16, (7, 15, 23, 31)),
-            pixel_mean=SAM_PIXEL_MEAN,
-            pixel_std=SAM_PIXEL_STD,
-            checkpoint=CheckpointSource("sam_vit_h_4b8939.pth", _SAM_URL + "sam_vit_h_4b8939.pth", hint=_SAM_HINT),
+        *(
+            _official_sam(variant, *encoder_args, filename)
+            for variant, encoder_args, filename in (
+                ("b", (768, 12, 12, (2, 5, 8, 11)), "sam_vit_b_01ec64.pth"),
+                ("l", (1024, 24, 16, (5, 11, 17, 23)), "sam_vit_l_0b3195.pth"),
+                ("h", (1280, 32, 16, (7, 15, 23, 31)), "sam_vit_h_4b8939.pth"),
+            )
         ),
     ]
 }
