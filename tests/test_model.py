@@ -79,3 +79,28 @@ def test_mobile_sam_weights_load_from_the_optional_package(tmp_path):
     assert model.network.image_size == 1024
     logits, _ = model.network.decode(torch.zeros(1, 256, 64, 64), None, torch.tensor([[100.0, 100, 400, 400]]), None)
     assert logits.shape == (1, 1, 256, 256)
+
+
+def test_a_checkpoint_url_is_downloaded_once_verified_and_kept(tmp_path, lite_model):
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(lite_model.checkpoint, served / "my_lite_medsam.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # loopback only
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/my_lite_medsam.pth"
+    model_dir = tmp_path / "model"
+    try:
+        model = build_model("lite_medsam", checkpoint=url, model_dir=model_dir)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert model.checkpoint == model_dir / "my_lite_medsam.pth"
+    assert (model_dir / "my_lite_medsam.pth.sha256").read_text().strip() == model.sha256
+    again = build_model("lite_medsam", checkpoint=url, model_dir=model_dir)  # server gone: the kept copy serves
+    assert again.sha256 == model.sha256
