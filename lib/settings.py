@@ -73,6 +73,9 @@ class AppSettings:
     focus_context: float = 3.0  # 2D box prompts: segment a window this many times the box (0: whole slice)
     encoder_bf16: bool = True  # bfloat16 autocast for the image encoder on CPUs that support it
     compile_decoder: bool = True  # torch.compile the decoder for common prompt shapes, in the background
+    # decoder logit threshold: SAM's is 0; LiteMedSAM under-segments these structures, and -1.5 was best for 2D
+    # and 3D on held-out studies sub-04/sub-05 (python -m lib.evaluation.calibrate_threshold)
+    mask_threshold: float = -1.5
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
@@ -91,6 +94,8 @@ class AppSettings:
                 values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
             elif key == "focus_context":
                 values[key] = _number(key, raw, float, 0.0)
+            elif key == "mask_threshold":
+                values[key] = _number(key, raw, float, -20.0)
             elif key in ("propagation_mask_prompt", "encoder_bf16", "compile_decoder"):
                 values[key] = _bool(key, raw)
             elif key == "ct_window":

@@ -54,6 +54,7 @@ class MedFoundationApp(MONAILabelApp):
                 encoder_bf16=self.settings.encoder_bf16,
                 focus_context=self.settings.focus_context,
                 compile_decoder=self.settings.compile_decoder,
+                mask_threshold=self.settings.mask_threshold,
             ),
             device=device,
         )

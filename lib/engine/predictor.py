@@ -49,6 +49,7 @@ class SlicePredictor:
         storage_dtype: dtype embeddings are cached in (float16 halves the memory at no visible cost).
         encoder_autocast: run the image encoder under bfloat16 autocast (about 2x faster on CPUs with AMX).
         compile_decoder: compile the mask decoder for the common prompt shapes, in the background (2x faster).
+        mask_threshold: logit above which a pixel is in the mask (SAM uses 0; calibrated per model, see README).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class SlicePredictor:
         storage_dtype: torch.dtype = torch.float16,
         encoder_autocast: bool = False,
         compile_decoder: bool = False,
+        mask_threshold: float = 0.0,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -67,6 +69,7 @@ class SlicePredictor:
         self.encode_batch = encode_batch
         self.storage_dtype = storage_dtype
         self.encoder_autocast = encoder_autocast
+        self.mask_threshold = mask_threshold
         self.decode = model.network.decode
         if compile_decoder:
             self.decode = CompiledDecoder(model.network)
@@ -214,7 +217,7 @@ class SlicePredictor:
         best = torch.argmax(iou, dim=1) if multimask else torch.zeros(batch, dtype=torch.int64)
         index = torch.arange(batch)
         low_res = logits[index, best][:, None]
-        masks = (geometry.low_res_to_slice(low_res)[:, 0] > 0).cpu().numpy()
+        masks = (geometry.low_res_to_slice(low_res)[:, 0] > self.mask_threshold).cpu().numpy()
         if window is not None:
             x, y, _ = volume.shape
             masks = np.stack([window.paste(m, (y, x)) for m in masks])
