@@ -69,3 +69,18 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
         VolumeStore(IntensityConfig()).get(bad)
     with pytest.raises(ImageReadError, match="not found"):
         VolumeStore(IntensityConfig()).get(tmp_path / "absent.nii.gz")
+
+
+def test_concurrent_clicks_on_one_new_slice_encode_it_once(engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    predictor, volume, _ = engine
+    z = 30  # a slice no other test touches
+    assert not predictor.is_encoded(volume, z)
+    encoded = predictor.encoded_slices
+    box = np.array([40, 60, 90, 120])
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: predictor.predict(volume, z, None, None, box), range(4)))
+    assert predictor.encoded_slices == encoded + 1, "the other three waited for the first encoder run"
+    for result in results[1:]:
+        np.testing.assert_array_equal(result.mask, results[0].mask)
