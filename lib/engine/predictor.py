@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything.utils.amg import calculate_stability_score
 
 from lib.engine.cache import EmbeddingCache
 from lib.engine.preprocessing import SliceGeometry, Window
@@ -32,13 +31,11 @@ class SlicePrediction:
         mask: (H, W) bool on the slice grid (rows = y, columns = x).
         low_res_logits: (1, 1, 256, 256) logits, usable as the next mask prompt.
         iou: the decoder's own predicted IoU for the mask.
-        stability: SAM's stability score, the IoU of the mask thresholded 1 logit above and below the threshold.
     """
 
     mask: np.ndarray
     low_res_logits: torch.Tensor
     iou: float
-    stability: float = 1.0
 
 
 class SlicePredictor:
@@ -224,8 +221,4 @@ class SlicePredictor:
         if window is not None:
             x, y, _ = volume.shape
             masks = np.stack([window.paste(m, (y, x)) for m in masks])
-        stability = calculate_stability_score(low_res[:, 0], self.mask_threshold, 1.0)
-        return [
-            SlicePrediction(masks[i], low_res[i : i + 1].cpu(), float(iou[i, best[i]]), float(stability[i]))
-            for i in range(batch)
-        ]
+        return [SlicePrediction(masks[i], low_res[i : i + 1].cpu(), float(iou[i, best[i]])) for i in range(batch)]
