@@ -58,3 +58,20 @@ def test_points_on_other_slices_are_ignored_for_a_slice():
     xy, labels = prompt.points_on(4)
     assert xy.tolist() == [[2, 2]] and labels.tolist() == [0]
     assert np.asarray(prompt.points_on(9)[0]).size == 0
+
+
+def test_focus_window_snaps_and_round_trips_at_the_slice_edge():
+    from lib.engine.preprocessing import WINDOW_SIDES, Window
+
+    box = np.array([2, 3, 11, 9])  # 10 x 7 pixels near the top-left corner of a 60 x 50 slice
+    window = Window.around(box, (60, 50), context=3.0)
+    assert window.side in WINDOW_SIDES and window.side >= 30
+    assert window.x0 < 0 and window.y0 < 0  # hangs over the edge: padded, not shifted
+    image = np.arange(60 * 50, dtype=np.int32).reshape(60, 50)
+    crop = window.crop(image)
+    assert crop.shape == (window.side, window.side)
+    back = window.paste(crop, image.shape)
+    inside = back != 0
+    np.testing.assert_array_equal(back[inside], image[inside])
+    assert window.to_window(box)[:2].tolist() == [2 - window.x0, 3 - window.y0]
+    assert Window.around(np.array([0, 0, 40, 40]), (60, 50), context=3.0) is None  # as big as the slice
