@@ -107,8 +107,8 @@ def run(data: Path, out: Path, subjects: int, repeats: int) -> dict:
                 z = middle_slice(truth)
                 box = box_on_slice(truth, z)
                 seconds, mask, info = timed_infer(client, "foundation_2d", image, {"roi": box})
-                latency.setdefault("first_click_new_slice" if not info["cached_embedding"] else "click_cached", [])
-                latency["first_click_new_slice" if not info["cached_embedding"] else "click_cached"].append(seconds)
+                key = "click_cached" if info["cached_embedding"] else "first_click_new_slice"
+                latency.setdefault(key, []).append(seconds)
                 per_structure[name].setdefault("dice_2d_box", []).append(dice(mask[:, :, z], truth[:, :, z]))
                 click = centre_click(truth[:, :, z]) + [z]
                 seconds, mask, _ = timed_infer(client, "foundation_2d", image, {"foreground": [click]})
@@ -132,7 +132,7 @@ def run(data: Path, out: Path, subjects: int, repeats: int) -> dict:
         for index in list(labels.values())[:4]:
             truth = truth_all == index
             z = middle_slice(truth)
-            seconds, _, info = timed_infer(
+            seconds, _, _ = timed_infer(
                 client, "foundation_2d", cold, {"foreground": [centre_click(truth[:, :, z]) + [z]]}
             )
             latency.setdefault("first_click_cold_slice_click_only", []).append(seconds)
