@@ -12,7 +12,7 @@ import torch
 class EmbeddingCache:
     """Least-recently-used cache of tensors whose total size stays within `budget_bytes`.
 
-    Keys are (volume key, slice index, preprocessing key, model version), so a new model version or a new
+    Keys are (volume key, slice index, window, encoder version), so a changed encoder or a new
     intensity setting never returns a stale embedding.
     """
 

@@ -63,20 +63,51 @@ class SlicePredictor:
         compile_decoder: bool = False,
         mask_threshold: float = 0.0,
     ) -> None:
-        self.model = model
         self.cache = cache
         self.device = torch.device(device)
         self.encode_batch = encode_batch
         self.storage_dtype = storage_dtype
         self.encoder_autocast = encoder_autocast
-        self.mask_threshold = mask_threshold
-        self.decode = model.network.decode
-        if compile_decoder:
-            self.decode = CompiledDecoder(model.network)
-            self.decode.warm_up_in_background()
+        self.compile_decoder = compile_decoder
+        self.default_threshold = mask_threshold
+        self._warm_up = False  # compiling waits for start_warm_up(): a train subprocess never needs it
+        self.use_model(model)
         self._in_flight: dict[tuple, threading.Event] = {}
         self._in_flight_lock = threading.Lock()
         self.encoded_slices = 0
+
+    def use_model(self, model: LoadedModel) -> None:
+        """Serve `model` from now on (a new trained version); requests in flight finish with the old one.
+
+        The embedding cache is keyed by the encoder's version, so it stays valid when only the decoder changed.
+        """
+        decode = model.network.decode
+        if self.compile_decoder:
+            decode = CompiledDecoder(model.network)
+            if self._warm_up:
+                decode.warm_up_in_background()
+        threshold = self.default_threshold if model.mask_threshold is None else model.mask_threshold
+        # one assignment, so a request never pairs a new decoder with an old threshold
+        self._serving = (model, decode, threshold)
+
+    def start_warm_up(self) -> None:
+        """Compile the decoder in the background, now and for every model served later (server process only)."""
+        self._warm_up = True
+        decode = self._serving[1]
+        if isinstance(decode, CompiledDecoder):
+            decode.warm_up_in_background()
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._serving[0]
+
+    @property
+    def mask_threshold(self) -> float:
+        return self._serving[2]
+
+    @mask_threshold.setter
+    def mask_threshold(self, value: float) -> None:
+        self._serving = (self._serving[0], self._serving[1], float(value))
 
     @property
     def network(self):
@@ -93,7 +124,7 @@ class SlicePredictor:
         return image if window is None else window.crop(image)
 
     def _key(self, volume: PreparedVolume, z: int, window: Window | None = None) -> tuple:
-        return (volume.key, int(z), window, self.model.version)
+        return (volume.key, int(z), window, self.model.encoder_version)
 
     def is_encoded(self, volume: PreparedVolume, z: int, window: Window | None = None) -> bool:
         return self._key(volume, z, window) in self.cache
@@ -124,7 +155,7 @@ class SlicePredictor:
                 batch = mine[start : start + self.encode_batch]
                 pixels = geometry.pixels(np.stack([self._image(volume, k[1], window) for k in batch])).to(self.device)
                 begin = time.perf_counter()
-                embeddings = self._encode(pixels).to(self.storage_dtype).cpu()
+                embeddings = self.encode_pixels(pixels).to(self.storage_dtype).cpu()
                 for key, embedding in zip(batch, embeddings, strict=False):
                     self.cache.put(key, embedding.clone())
                     self._release(key)
@@ -137,10 +168,10 @@ class SlicePredictor:
             event.wait(timeout=120)
         return len(mine)
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) pixels -> (B, 256, 64, 64) float32 embeddings."""
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels (any device) -> (B, 256, 64, 64) float32 embeddings on the predictor's device."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.encoder_autocast):
-            return self.network.encode(pixels).float()
+            return self.network.encode(pixels.to(self.device)).float()
 
     def _release(self, key: tuple) -> None:
         with self._in_flight_lock:
@@ -157,7 +188,7 @@ class SlicePredictor:
             cached = self.cache.get(key)
             if cached is None:  # larger than the whole cache budget: encode without keeping it
                 geometry = self.geometry(volume, window)
-                cached = self._encode(geometry.pixels(self._image(volume, z, window)[None]).to(self.device))[0]
+                cached = self.encode_pixels(geometry.pixels(self._image(volume, z, window)[None]).to(self.device))[0]
         return cached.to(self.device, torch.float32).unsqueeze(0)
 
     @torch.no_grad()
@@ -197,6 +228,7 @@ class SlicePredictor:
         window: Window | None = None,
     ) -> list[SlicePrediction]:
         """Like `predict`, for B candidate boxes (B, 4) sharing the same points, in one decoder call."""
+        _, decode, threshold = self._serving
         geometry = self.geometry(volume, window)
         embedding = self.embedding(volume, z, window)
         if window is not None:
@@ -213,11 +245,11 @@ class SlicePredictor:
             box_tensor = torch.as_tensor(np.stack([geometry.box(b) for b in boxes]), device=self.device)
         if mask_input is not None:
             mask_input = mask_input.to(self.device).expand(batch, -1, -1, -1)
-        logits, iou = self.decode(embedding, points, box_tensor, mask_input, multimask_output=multimask)
+        logits, iou = decode(embedding, points, box_tensor, mask_input, multimask_output=multimask)
         best = torch.argmax(iou, dim=1) if multimask else torch.zeros(batch, dtype=torch.int64)
         index = torch.arange(batch)
         low_res = logits[index, best][:, None]
-        masks = (geometry.low_res_to_slice(low_res)[:, 0] > self.mask_threshold).cpu().numpy()
+        masks = (geometry.low_res_to_slice(low_res)[:, 0] > threshold).cpu().numpy()
         if window is not None:
             x, y, _ = volume.shape
             masks = np.stack([window.paste(m, (y, x)) for m in masks])

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lib.engine.auto import AutoConfig, auto_segment
 from lib.engine.cache import EmbeddingCache
 from lib.engine.interactive import PropagationConfig, VolumeResult, propagate, segment_2d
 from lib.engine.predictor import SlicePredictor
@@ -81,6 +82,27 @@ class SegmentationService:
         finally:
             with self._active_lock:
                 self._active -= 1
+
+    def segment_auto(self, image_path: str, label_values: dict[str, int]) -> VolumeResult:
+        """Segment every label the served version has learned, without prompts.
+
+        Raises:
+            ImageReadError: the image is missing or unreadable.
+            NothingLearnedError: no trained version is served yet.
+        """
+        with self._active_lock:
+            self._active += 1
+        try:
+            return auto_segment(self.predictor, self.volumes.get(image_path), label_values, AutoConfig())
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def use_model(self, model: LoadedModel) -> None:
+        """Serve another version of the same base model; cached embeddings stay valid (frozen encoder)."""
+        previous = self.model.version
+        self.predictor.use_model(model)
+        logger.info("now serving %s (was %s)", model.version, previous)
 
     def prefetch(self, image_path: str) -> None:
         """Queue an image whose middle slices are encoded in the background (an annotator just received it)."""

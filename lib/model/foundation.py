@@ -43,8 +43,9 @@ class FoundationModel(nn.Module):
         """(1, 256, 64, 64) positional encoding of the embedding grid; constant, so computed once per device."""
         reference = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
         if self._dense_pe is None or self._dense_pe.device != reference.device:
-            with torch.no_grad():
-                self._dense_pe = self.prompt_encoder.get_dense_pe()
+            # float32 whatever autocast is active: the first caller may be a bfloat16 training step
+            with torch.no_grad(), torch.autocast(reference.device.type, enabled=False):
+                self._dense_pe = self.prompt_encoder.get_dense_pe().float()
         return self._dense_pe
 
     @property

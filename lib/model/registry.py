@@ -8,6 +8,7 @@ Plus SAM ViT-B/L/H and MedSAM ViT-B via `segment_anything`, from a file or URL g
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
 import importlib.util
 import logging
@@ -20,6 +21,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from lib.model.auto_head import AutoHead
 from lib.model.checkpoints import CheckpointSource, load_state_dict, resolve_checkpoint, verify_checkpoint
 from lib.model.foundation import FoundationModel
 
@@ -208,16 +210,47 @@ def build_architecture(spec: ModelSpec) -> FoundationModel:
 
 @dataclass
 class LoadedModel:
-    """A model ready to serve, and what identifies its weights (the version used in every cache key)."""
+    """A model ready to serve, and what identifies its weights.
+
+    Attributes:
+        number: the trained version served (0: the zero-shot base model; see lib.model.versions).
+        auto_head: the prompt-free head of a trained version (None before any training).
+        mask_threshold: the prompted decoder's logit threshold calibrated by training (None: use the conf's).
+    """
 
     spec: ModelSpec
     network: FoundationModel
     checkpoint: Path
     sha256: str
+    number: int = 0
+    auto_head: AutoHead | None = None
+    mask_threshold: float | None = None
+
+    @property
+    def base_version(self) -> str:
+        return f"{self.spec.name}@{self.sha256[:12]}"
 
     @property
     def version(self) -> str:
-        return f"{self.spec.name}@{self.sha256[:12]}"
+        return self.base_version if self.number == 0 else f"{self.base_version}+v{self.number}"
+
+    @property
+    def encoder_version(self) -> str:
+        """Identifies the image encoder's weights: training keeps it frozen, so cached embeddings stay valid."""
+        return self.base_version
+
+    def with_version(self, number: int, state: dict | None, meta: dict) -> LoadedModel:
+        """A copy of this base model with a trained version's decoder and automatic head loaded (strictly)."""
+        if state is None:
+            return LoadedModel(self.spec, self.network, self.checkpoint, self.sha256)
+        network = copy.deepcopy(self.network)
+        network.mask_decoder.load_state_dict(state["mask_decoder"], strict=True)
+        head = AutoHead(list(meta["labels"]))
+        head.load_state_dict(state["auto_head"], strict=True)
+        head.to(next(network.parameters()).device).eval()
+        return LoadedModel(
+            self.spec, network.eval(), self.checkpoint, self.sha256, number, head, meta.get("mask_threshold")
+        )
 
 
 def build_model(
