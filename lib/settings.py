@@ -76,6 +76,14 @@ class AppSettings:
     # decoder logit threshold: SAM's is 0; LiteMedSAM under-segments these structures, and -1.5 was best for 2D
     # and 3D on held-out studies sub-04/sub-05 (python -m lib.evaluation.calibrate_threshold)
     mask_threshold: float = -1.5
+    # continual learning (README: "Continual learning")
+    model_dir: str | None = None  # versions, embeddings and downloaded weights; default <app>/model
+    train_every_labels: int = 4  # start a round after this many new final labels (0: off)
+    train_interval_minutes: float = 60.0  # ...or this often when any label is new (0: off)
+    train_steps: int = 400  # optimiser steps per round (~380 reached 0.8 Dice on the sample data)
+    train_slice_step: int = 2  # train on every n-th labelled slice (1: all; larger: faster rounds)
+    gate_tolerance: float = 0.01  # mean Dice a new version may lose against the served one and still be served
+    tracking: str = "none"  # none | mlflow
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
@@ -84,14 +92,18 @@ class AppSettings:
         for key, raw in conf.items():
             if key not in known:
                 continue  # MONAI Label's own keys (e.g. server_mode) pass through
-            if key in ("model", "device", "modality"):
+            if key in ("model", "device", "modality", "tracking"):
                 values[key] = str(raw).strip()
-            elif key == "checkpoint":
+            elif key in ("checkpoint", "model_dir"):
                 values[key] = str(raw).strip() or None
             elif key == "labels":
                 values[key] = parse_labels(str(raw))
-            elif key in ("cache_mb", "prefetch_slices", "propagation_margin"):
+            elif key in ("cache_mb", "prefetch_slices", "propagation_margin", "train_every_labels"):
                 values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
+            elif key in ("train_steps", "train_slice_step"):
+                values[key] = _number(key, raw, int, 1)
+            elif key in ("train_interval_minutes", "gate_tolerance"):
+                values[key] = _number(key, raw, float, 0.0)
             elif key == "focus_context":
                 values[key] = _number(key, raw, float, 0.0)
             elif key == "mask_threshold":
@@ -109,6 +121,8 @@ class AppSettings:
         settings = cls(**values)
         if settings.modality.upper() not in ("AUTO", "CT", "MR"):
             raise ConfError(f"--conf modality {settings.modality!r}: expected auto, CT or MR")
+        if settings.tracking.lower() not in ("none", "mlflow"):
+            raise ConfError(f"--conf tracking {settings.tracking!r}: expected none or mlflow")
         if not (settings.device in ("auto", "cpu", "cuda") or settings.device.startswith("cuda:")):
             raise ConfError(f"--conf device {settings.device!r}: expected auto, cpu, cuda or cuda:N")
         return settings

@@ -21,15 +21,23 @@ from fastapi import HTTPException  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
+from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
+from monailabel.utils.async_tasks.utils import processes  # noqa: E402
 
+from lib.engine.continual import RoundConfig  # noqa: E402
 from lib.engine.interactive import PropagationConfig  # noqa: E402
 from lib.engine.preprocessing import IntensityConfig  # noqa: E402
 from lib.engine.service import SegmentationService, ServiceConfig  # noqa: E402
+from lib.engine.training import TrainConfig  # noqa: E402
 from lib.infers.foundation import FoundationInfer  # noqa: E402
-from lib.model import build_model  # noqa: E402
+from lib.infers.foundation_auto import FoundationAutoInfer  # noqa: E402
+from lib.model import LoadedModel, build_model  # noqa: E402
+from lib.model.versions import VersionStore  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
+from lib.trainers.foundation import FoundationTrainer, labelled_images  # noqa: E402
+from lib.trainers.schedule import RetrainSchedule, ScheduleConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -39,7 +47,11 @@ class MedFoundationApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.settings = AppSettings.from_conf(conf or {})
         device = self.settings.torch_device()
-        model = build_model(self.settings.model, self.settings.checkpoint, Path(app_dir) / "model", device)
+        self.model_dir = Path(self.settings.model_dir or Path(app_dir) / "model")
+        self.base_model = build_model(self.settings.model, self.settings.checkpoint, self.model_dir, device)
+        self.versions = VersionStore(self.model_dir, self.base_model.base_version)
+        model = self.load_version(self.versions.served())
+        self.schedule: RetrainSchedule | None = None
         self.service = SegmentationService(
             model,
             ServiceConfig(
@@ -69,11 +81,35 @@ class MedFoundationApp(MONAILabelApp):
             labels=self.settings.labels,
         )
 
+    def load_version(self, number: int) -> LoadedModel:
+        """The base model with a stored version's weights; the base itself if that version cannot be loaded."""
+        try:
+            return self.base_model.with_version(number, self.versions.load_state(number), self.versions.meta(number))
+        except Exception as error:  # noqa: BLE001 - a damaged version must never keep the server from starting
+            logger.error("model version %d cannot be served (%s); serving the base model", number, error)
+            return self.base_model
+
     def init_infers(self) -> dict[str, InferTask]:
         return {
             "foundation": FoundationInfer(self.service, 3, self.settings.labels),
             "foundation_2d": FoundationInfer(self.service, 2, self.settings.labels),
+            "foundation_auto": FoundationAutoInfer(self.service, self.settings.labels),
         }
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        config = RoundConfig(
+            train=TrainConfig(steps=self.settings.train_steps, slice_step=self.settings.train_slice_step),
+            gate_tolerance=self.settings.gate_tolerance,
+        )
+        trainer = FoundationTrainer(
+            self.service,
+            self.versions,
+            self.settings.labels,
+            config,
+            self.model_dir / "embeddings",
+            self.settings.tracking,
+        )
+        return {"foundation": trainer}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
@@ -88,6 +124,38 @@ class MedFoundationApp(MONAILabelApp):
             if not (datastore or self.datastore()).get_image_uri(image):
                 raise HTTPException(404, f"unknown image {image!r}: not in the datastore")
         return super().infer(request, datastore)
+
+    def on_init_complete(self) -> None:
+        """Server process only (not the train subprocess): start the retraining schedule."""
+        super().on_init_complete()
+        self.service.predictor.start_warm_up()
+        self.schedule = RetrainSchedule(
+            ScheduleConfig(self.settings.train_every_labels, self.settings.train_interval_minutes),
+            new_labels=self._new_labels,
+            start_round=lambda: self.async_training("foundation") is not None,
+            running=lambda: bool(processes("train")),
+            served_changed=self._follow_served_version,
+        )
+        self.schedule.start()
+        logger.info(
+            "retraining schedule: every %d new labels or %g min",
+            self.settings.train_every_labels,
+            self.settings.train_interval_minutes,
+        )
+
+    def _new_labels(self) -> set[tuple[str, float]]:
+        used = self.versions.meta(self.versions.latest()).get("labels_used", {})
+        return {
+            (i.image_id, i.label_ts) for i in labelled_images(self.datastore()) if used.get(i.image_id) != i.label_ts
+        }
+
+    def _follow_served_version(self) -> None:
+        served = self.versions.served()
+        if served == self.service.model.number:
+            return
+        self.service.use_model(self.load_version(served))
+        if self._auto_update_scoring:
+            self.async_scoring(None)  # a new model changes what is uncertain
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """Hand out an image and start encoding its middle slices, so the annotator's first click is fast."""

@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -71,15 +73,28 @@ class ServerProcess:
         assert self.process is not None
         return self.process.pid
 
+    def children(self) -> list[psutil.Process]:
+        """The server's child processes (a training or scoring round runs in one)."""
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        children = self.children()  # by PID, before the parent goes: a round in progress must not outlive it
         self.process.terminate()
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=20)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -1,0 +1,1 @@
+"""MONAI Label train-task adapters and the retraining schedule."""
