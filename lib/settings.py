@@ -81,6 +81,7 @@ class AppSettings:
     train_every_labels: int = 4  # start a round after this many new final labels (0: off)
     train_interval_minutes: float = 60.0  # ...or this often when any label is new (0: off)
     train_steps: int = 400  # optimiser steps per round (~380 reached 0.8 Dice on the sample data)
+    train_encoder_lora: int = 0  # >0: also adapt the image encoder with LoRA of this rank (a GPU feature)
     train_slice_step: int = 2  # train on every n-th labelled slice (1: all; larger: faster rounds)
     gate_tolerance: float = 0.01  # mean Dice a new version may lose against the served one and still be served
     tracking: str = "none"  # none | mlflow
@@ -98,7 +99,13 @@ class AppSettings:
                 values[key] = str(raw).strip() or None
             elif key == "labels":
                 values[key] = parse_labels(str(raw))
-            elif key in ("cache_mb", "prefetch_slices", "propagation_margin", "train_every_labels"):
+            elif key in (
+                "cache_mb",
+                "prefetch_slices",
+                "propagation_margin",
+                "train_every_labels",
+                "train_encoder_lora",
+            ):
                 values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
             elif key in ("train_steps", "train_slice_step"):
                 values[key] = _number(key, raw, int, 1)

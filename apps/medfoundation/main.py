@@ -98,7 +98,11 @@ class MedFoundationApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         config = RoundConfig(
-            train=TrainConfig(steps=self.settings.train_steps, slice_step=self.settings.train_slice_step),
+            train=TrainConfig(
+                steps=self.settings.train_steps,
+                slice_step=self.settings.train_slice_step,
+                encoder_lora_rank=self.settings.train_encoder_lora,
+            ),
             gate_tolerance=self.settings.gate_tolerance,
         )
         trainer = FoundationTrainer(

@@ -151,6 +151,9 @@ def run_round(
         "history": outcome.history,
     }
     state = {"mask_decoder": network.mask_decoder.state_dict(), "auto_head": head.state_dict()}
+    encoder_trained = config.train.encoder_lora_rank > 0
+    if encoder_trained or served.encoder_of:
+        state["image_encoder"] = network.image_encoder.state_dict()
     meta = {
         "parent": served.number,
         "labels": names,
@@ -158,6 +161,8 @@ def run_round(
         "train_images": [i.image_id for i in train_images],
         "val_images": [i.image_id for i in val_images],
         "mask_threshold": after.get("threshold", 0.0),
+        "encoder_trained": encoder_trained,  # LoRA this round: cached embeddings of earlier versions do not apply
+        "encoder_of": None if encoder_trained else served.encoder_of,
         "train_config": asdict(config.train),
         "metrics": metrics,
         "reason": reason,

@@ -52,6 +52,7 @@ class TrainConfig:
     bf16: bool = True  # automatic head under bfloat16 autocast where the hardware has it (measured 1.6x per step)
     corrective_click: float = 0.3  # share of prompts that get a corrective click
     click_box: float = 0.2  # share of prompts that are a click with a box around it (the server's click path)
+    encoder_lora_rank: int = 0  # >0: also adapt the image encoder with LoRA (peft) of this rank; 0: encoder frozen
     seed: int = 0
 
 
@@ -276,6 +277,34 @@ def prompted_loss(model: FoundationModel, embedding: torch.Tensor, prompts: Prom
 # ---- evaluation --------------------------------------------------------------------------------------------
 
 
+def embed(model: FoundationModel, case: Case, rows: Sequence[int] | slice) -> torch.Tensor:
+    """(B, 256, 64, 64) float embeddings of some of a case's slices on the model's device.
+
+    The frozen encoder's come from the case's cache; an encoder being adapted (LoRA) or adapted this round
+    (`model.adapted_encoder`) recomputes them from the cached input pixels.
+    """
+    device = model.pixel_mean.device
+    if not getattr(model, "adapted_encoder", False):
+        return case.embeddings[rows].to(device).float()
+    pixels = case.pixels[rows].to(device).float()[:, None].expand(-1, 3, -1, -1)
+    return model.image_encoder(model.normalize(pixels)).float()
+
+
+def attach_lora(model: FoundationModel, rank: int) -> torch.nn.Module:
+    """Wrap the image encoder in LoRA adapters (peft) on its attention projections; returns the peft model."""
+    if model.image_size != model.mask_input_size[0]:
+        raise ValueError("encoder adaptation needs the encoder input on the decoder's grid (LiteMedSAM's 256 px)")
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(
+        model.image_encoder,
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["qkv", "proj"], lora_dropout=0.0),
+    )
+    model.image_encoder = adapted
+    model.adapted_encoder = True
+    return adapted
+
+
 def run_head(model: FoundationModel, head: AutoHead, embeddings: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 256, 64, 64) embeddings + (B, 256, 256) uint8 pixels -> (B, L + 1, 256, 256) logits."""
     device = model.pixel_mean.device
@@ -311,7 +340,9 @@ def evaluate(
             head.eval()
             predicted = torch.cat(
                 [
-                    run_head(model, head, case.embeddings[s : s + 16], case.pixels[s : s + 16]).argmax(dim=1).cpu()
+                    run_head(model, head, embed(model, case, slice(s, s + 16)), case.pixels[s : s + 16])
+                    .argmax(dim=1)
+                    .cpu()
                     for s in range(0, len(case.slices), 16)
                 ]
             )
@@ -328,7 +359,7 @@ def evaluate(
                 continue
             boxes = torch.from_numpy(np.stack([_box((case.targets[i] == c).numpy()) for c in channels]))
             boxes = (boxes * (model.image_size / case.targets.shape[-1])).to(device)
-            logits, _ = model.decode(case.embeddings[i : i + 1].to(device).float(), None, boxes, None)
+            logits, _ = model.decode(embed(model, case, slice(i, i + 1)), None, boxes, None)
             for c, logit in zip(channels, logits[:, 0].cpu(), strict=True):
                 truth = case.targets[i] == c
                 for threshold in thresholds:
@@ -381,6 +412,9 @@ def train(
     decoder_parameters = list(model.mask_decoder.parameters())
     for parameter in decoder_parameters:
         parameter.requires_grad_(True)
+    adapter = attach_lora(model, config.encoder_lora_rank) if config.encoder_lora_rank else None
+    if adapter is not None:  # only the low-rank matrices train; the encoder's own weights stay as they were
+        decoder_parameters += [p for n, p in adapter.named_parameters() if "lora_" in n and p.requires_grad]
     optimizer = torch.optim.AdamW(
         [
             {"params": decoder_parameters, "lr": config.lr_decoder},
@@ -407,14 +441,20 @@ def train(
         for start in range(0, len(order), config.batch_slices):
             if should_stop():
                 progress("training stopped on request")
+                _finish(model, head, adapter)
                 return TrainOutcome(epoch - 1, step, time.perf_counter() - begin, history)
             # linear warm-up over the first tenth, then cosine decay
             factor = min(1.0, (step + 1) / max(1, total // 10)) * 0.5 * (1 + math.cos(math.pi * step / total))
             for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = lr * factor
             picked = [samples[j] for j in order[start : start + config.batch_slices]]
-            embeddings = torch.stack([train_cases[c].embeddings[i] for c, i in picked]).to(device).float()
             pixels = torch.stack([train_cases[c].pixels[i] for c, i in picked])
+            if adapter is None:
+                embeddings = torch.stack([train_cases[c].embeddings[i] for c, i in picked]).to(device).float()
+            else:
+                rgb = pixels.to(device).float()[:, None].expand(-1, 3, -1, -1)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_head):
+                    embeddings = model.image_encoder(model.normalize(rgb)).float()
             targets = torch.stack([train_cases[c].targets[i] for c, i in picked])
             present = torch.stack([train_cases[c].present for c, _ in picked]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_head):
@@ -450,8 +490,15 @@ def train(
             f"epoch {epoch}/{epochs}: loss {record['loss']:.4f}, validation Dice (automatic) "
             f"{record['val_auto_dice']}, {record['seconds']:.0f} s"
         )
+    _finish(model, head, adapter)
+    return TrainOutcome(epochs, step, time.perf_counter() - begin, history)
+
+
+def _finish(model: FoundationModel, head: AutoHead, adapter: torch.nn.Module | None) -> None:
+    """Back to inference: LoRA merged into the encoder's weights (a plain encoder to save and serve)."""
+    if adapter is not None:
+        model.image_encoder = adapter.merge_and_unload()
     model.eval()
     head.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return TrainOutcome(epochs, step, time.perf_counter() - begin, history)

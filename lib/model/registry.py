@@ -216,6 +216,7 @@ class LoadedModel:
         number: the trained version served (0: the zero-shot base model; see lib.model.versions).
         auto_head: the prompt-free head of a trained version (None before any training).
         mask_threshold: the prompted decoder's logit threshold calibrated by training (None: use the conf's).
+        encoder_of: the version whose image-encoder weights this one uses (0: the base's, i.e. never adapted).
     """
 
     spec: ModelSpec
@@ -225,6 +226,7 @@ class LoadedModel:
     number: int = 0
     auto_head: AutoHead | None = None
     mask_threshold: float | None = None
+    encoder_of: int = 0
 
     @property
     def base_version(self) -> str:
@@ -236,8 +238,8 @@ class LoadedModel:
 
     @property
     def encoder_version(self) -> str:
-        """Identifies the image encoder's weights: training keeps it frozen, so cached embeddings stay valid."""
-        return self.base_version
+        """Identifies the image encoder's weights: a frozen encoder keeps cached embeddings valid across versions."""
+        return self.base_version if self.encoder_of == 0 else f"{self.base_version}+encoder-v{self.encoder_of}"
 
     def with_version(self, number: int, state: dict | None, meta: dict) -> LoadedModel:
         """A copy of this base model with a trained version's decoder and automatic head loaded (strictly)."""
@@ -245,11 +247,21 @@ class LoadedModel:
             return LoadedModel(self.spec, self.network, self.checkpoint, self.sha256)
         network = copy.deepcopy(self.network)
         network.mask_decoder.load_state_dict(state["mask_decoder"], strict=True)
+        if "image_encoder" in state:  # adapted with LoRA in this or an earlier round (merged weights)
+            network.image_encoder.load_state_dict(state["image_encoder"], strict=True)
+        encoder_of = number if meta.get("encoder_trained") else int(meta.get("encoder_of") or 0)
         head = AutoHead(list(meta["labels"]))
         head.load_state_dict(state["auto_head"], strict=True)
         head.to(next(network.parameters()).device).eval()
         return LoadedModel(
-            self.spec, network.eval(), self.checkpoint, self.sha256, number, head, meta.get("mask_threshold")
+            self.spec,
+            network.eval(),
+            self.checkpoint,
+            self.sha256,
+            number,
+            head,
+            meta.get("mask_threshold"),
+            encoder_of,
         )
 
 
