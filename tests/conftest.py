@@ -27,10 +27,13 @@ def _load_builder():
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory) -> Path:
-    """Two sample studies built by the real builder into a fresh folder (never what an earlier run left)."""
+    """Three sample studies built by the real builder into a fresh folder (never what an earlier run left).
+
+    sub-01 and sub-02 are the ones labelled in the continual-learning tests; sub-03 stays held out.
+    """
     out = tmp_path_factory.mktemp("sample-data")
     builder = _load_builder()
-    builder.build(out, subjects=2, seed=builder.DEFAULT_SEED)
+    builder.build(out, subjects=3, seed=builder.DEFAULT_SEED)
     return out
 
 
@@ -61,6 +64,13 @@ def server(sample_data, tmp_path_factory):
         shutil.copy(image, studies / image.name)
     log = tmp_path_factory.mktemp("server") / "server.log"
     # compiling the decoder takes a minute of CPU in the background; tests/test_compiled_decoder.py covers it
-    conf = {"labels": str(sample_data / "labels.json"), "prefetch_slices": "4", "compile_decoder": "false"}
+    conf = {
+        "labels": str(sample_data / "labels.json"),
+        "prefetch_slices": "4",
+        "compile_decoder": "false",
+        "model_dir": str(tmp_path_factory.mktemp("model")),  # versions of an earlier run must not be served
+        "train_every_labels": "0",
+        "train_interval_minutes": "0",
+    }
     with ServerProcess(studies, log, conf) as process:
         yield process.url, studies, log

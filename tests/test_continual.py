@@ -1,0 +1,185 @@
+"""Continual learning for real: LiteMedSAM fine-tuned on sample labels, gated, versioned and served.
+
+The engine test runs rounds directly (no server); the server test goes the way annotators do: labels saved
+through MONAILabelClient, the schedule starts the round in MONAI Label's train subprocess, and
+`foundation_auto` then segments a held-out volume with no clicks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from conftest import load_truth
+from lib.engine.continual import LabelledImage, RoundConfig, run_round, split_by_volume
+from lib.engine.embedding_store import EmbeddingStore
+from lib.engine.predictor import SlicePredictor
+from lib.engine.preprocessing import IntensityConfig
+from lib.engine.training import TrainConfig
+from lib.engine.volumes import VolumeStore
+from lib.evaluation.ground_truth import dice
+from lib.evaluation.server import ServerProcess
+from lib.model.versions import VersionStore
+
+pytestmark = pytest.mark.slow
+
+# fewer steps than a real round, on every 4th labelled slice: enough to learn every label a little
+TEST_TRAIN = TrainConfig(steps=120, slice_step=4)
+
+
+def _image(sample_data, subject, label_dir=None):
+    label_dir = label_dir or sample_data / "ground-truth"
+    return LabelledImage(
+        subject,
+        str(sample_data / "studies" / f"{subject}.nii.gz"),
+        str(label_dir / f"{subject}.nii.gz"),
+        1.0,
+    )
+
+
+def test_round_is_published_and_a_worse_round_is_kept_but_not_served(sample_data, labels, lite_model, tmp_path):
+    versions = VersionStore(tmp_path / "model", lite_model.base_version)
+    volumes = VolumeStore(IntensityConfig())
+    predictor = SlicePredictor(lite_model, cache=None, encoder_autocast=True)  # only its encoder is used
+    embeddings = EmbeddingStore(tmp_path / "embeddings", lite_model.encoder_version, predictor.encode_pixels, 256)
+    images = [_image(sample_data, s) for s in ("sub-01", "sub-02")]
+    config = RoundConfig(train=TEST_TRAIN)
+
+    first = run_round(lite_model, images, labels, versions, embeddings, volumes, config)
+    assert first.published, first.reason
+    assert versions.served() == first.version == 1
+    validation = first.metrics["validation"]
+    assert validation["auto_mean"] > 0.2, "the automatic head learned nothing"
+    assert validation["prompted_mean"] >= first.metrics["served_before"]["prompted_mean"] - 0.01
+    meta = versions.meta(1)
+    assert set(meta["labels_used"]) == {"sub-01", "sub-02"} and meta["parent"] == 0
+    assert meta["metrics"]["steps"] >= TEST_TRAIN.steps
+    assert meta["metrics"]["earlier_labels"] is None, "nothing was learned before round 1"
+
+    # round 2: the training volume's label is deliberately wrong (structures moved and left/right swapped)
+    train, val = split_by_volume(images, config.val_fraction)
+    wrong_dir = tmp_path / "wrong"
+    wrong_dir.mkdir()
+    truth = nib.load(train[0].label_path)
+    wrong = np.roll(np.asarray(truth.dataobj)[::-1], 25, axis=1)
+    nib.save(nib.Nifti1Image(wrong.astype(np.uint8), truth.affine), wrong_dir / f"{train[0].image_id}.nii.gz")
+    served = lite_model.with_version(1, versions.load_state(1), meta)
+    bad_images = [_image(sample_data, train[0].image_id, wrong_dir), val[0]]
+    quick = RoundConfig(train=TrainConfig(steps=40, slice_step=TEST_TRAIN.slice_step))  # wrong fast is enough
+    second = run_round(served, bad_images, labels, versions, embeddings, volumes, quick)
+    assert not second.published
+    assert "<" in second.reason, second.reason
+    assert versions.served() == 1, "the served model is unchanged"
+    assert versions.meta(2)["published"] is False and versions.meta(2)["reason"] == second.reason
+    assert second.metrics["earlier_labels"] is not None, "forgetting is measured on earlier rounds' volumes"
+    assert second.metrics["prepare_seconds"] < first.metrics["prepare_seconds"], "embeddings were reused"
+
+
+@pytest.fixture(scope="module")
+def learning_server(sample_data, tmp_path_factory):
+    studies = tmp_path_factory.mktemp("studies-continual")
+    for image in sorted((sample_data / "studies").glob("*.nii.gz")):
+        shutil.copy(image, studies / image.name)
+    log = tmp_path_factory.mktemp("server-continual") / "server.log"
+    conf = {
+        "labels": str(sample_data / "labels.json"),
+        "prefetch_slices": "0",
+        "compile_decoder": "false",
+        "model_dir": str(tmp_path_factory.mktemp("model-continual")),
+        "train_every_labels": "2",
+        "train_interval_minutes": "0",
+        "train_steps": str(TEST_TRAIN.steps),
+        "train_slice_step": str(TEST_TRAIN.slice_step),
+    }
+    with ServerProcess(studies, log, conf) as process:
+        yield process
+
+
+def _train_status(client: MONAILabelClient) -> dict:
+    try:
+        return client.train_status()
+    except MONAILabelClientException:  # 404 until the first round starts
+        return {}
+
+
+def _trainer_stats(client: MONAILabelClient) -> dict:
+    return client.info()["train_stats"]["foundation"]
+
+
+def test_labels_saved_by_a_client_train_a_version_that_segments_a_new_volume(learning_server, sample_data, labels):
+    client = MONAILabelClient(learning_server.url, tmpdir=str(learning_server.log.parent))
+    info = client.info()
+    assert info["models"]["foundation_auto"]["type"] == "segmentation"
+    assert info["models"]["foundation_auto"]["labels"] == labels
+    assert _trainer_stats(client)["served_version"] == 0
+
+    with pytest.raises(Exception, match="409") as refused:
+        client.infer("foundation_auto", "sub-03", {})
+    assert "no label has been learned yet" in str(refused.value)
+
+    for subject in ("sub-01", "sub-02"):
+        client.save_label(subject, str(sample_data / "ground-truth" / f"{subject}.nii.gz"), tag="final")
+    deadline = time.time() + 900
+    while _trainer_stats(client)["served_version"] == 0 and time.time() < deadline:
+        status = _train_status(client)
+        assert status.get("status") != "ERROR", "\n".join(status.get("details", []))
+        time.sleep(5)
+    stats = _trainer_stats(client)
+    assert stats["served_version"] == 1, learning_server.log.read_text()[-3000:]
+    version = stats["versions"][1]
+    assert version["published"] and version["labels_used"].keys() == {"sub-01", "sub-02"}
+    assert set(version["metrics"]["validation"]["auto"]) == set(labels)
+    assert "sha256" not in version, "digests stay on the server"
+
+    status = _train_status(client)
+    details = "\n".join(status.get("details", []))
+    assert "published version 1" in details, details
+
+    # the server picks the new version up by itself (the schedule thread follows served.json)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            result_file, params = client.infer("foundation_auto", "sub-03", {})
+            break
+        except Exception as error:  # noqa: BLE001 - 409 until the reload, then the answer
+            assert "409" in str(error)
+            time.sleep(2)
+    assert params["model_version"].endswith("+v1")
+    predicted = np.asarray(nib.load(result_file).dataobj)
+    truth = load_truth(sample_data, "sub-03")
+    scores = {name: dice(predicted == value, truth == value) for name, value in labels.items()}
+    assert len(params["labels_found"]) >= 6, params
+    assert np.mean(list(scores.values())) > 0.3, scores
+
+
+def test_lora_round_adapts_the_encoder_and_gets_its_own_embedding_cache(sample_data, labels, lite_model, tmp_path):
+    """`--conf train_encoder_lora 4`: peft LoRA on the encoder's attention, merged into a plain encoder.
+
+    Two steps only (the encoder's backward pass costs seconds a slice on this CPU; device_check times it on a
+    GPU): this checks the wiring, not the accuracy.
+    """
+    versions = VersionStore(tmp_path / "model", lite_model.base_version)
+    predictor = SlicePredictor(lite_model, cache=None, encoder_autocast=True)
+    embeddings = EmbeddingStore(tmp_path / "embeddings", lite_model.encoder_version, predictor.encode_pixels, 256)
+    images = [_image(sample_data, s) for s in ("sub-01", "sub-02")]
+    config = RoundConfig(
+        train=TrainConfig(steps=2, batch_slices=2, slice_step=8, negative_slices=2, encoder_lora_rank=4)
+    )
+    report = run_round(lite_model, images, labels, versions, embeddings, VolumeStore(IntensityConfig()), config)
+
+    meta = versions.meta(report.version)
+    assert meta["encoder_trained"] is True
+    state = versions.load_state(report.version)
+    assert "image_encoder" in state and not any("lora" in key for key in state["image_encoder"])
+    loaded = lite_model.with_version(report.version, state, meta)
+    assert loaded.encoder_version != lite_model.encoder_version, "a changed encoder must not reuse cached embeddings"
+    base_qkv = lite_model.network.image_encoder.state_dict()["layers.1.blocks.0.attn.qkv.weight"]
+    assert not torch.equal(loaded.network.image_encoder.state_dict()["layers.1.blocks.0.attn.qkv.weight"], base_qkv)
+    assert torch.equal(lite_model.network.image_encoder.state_dict()["layers.1.blocks.0.attn.qkv.weight"], base_qkv)
