@@ -158,6 +158,24 @@ def test_labels_saved_by_a_client_train_a_version_that_segments_a_new_volume(lea
     assert len(params["labels_found"]) >= 6, params
     assert np.mean(list(scores.values())) > 0.3, scores
 
+    # a request rolls back to the zero-shot base model; nothing is deleted
+    client.train_start("foundation", {"rollback": 0})
+    deadline = time.time() + 120
+    while _trainer_stats(client)["served_version"] != 0 and time.time() < deadline:
+        time.sleep(3)
+    stats = _trainer_stats(client)
+    assert stats["served_version"] == 0 and [v["version"] for v in stats["versions"]] == [0, 1]
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the server follows served.json within a poll
+        try:
+            client.infer("foundation_auto", "sub-03", {})
+        except MONAILabelClientException as error:
+            assert "409" in str(error)
+            break
+        time.sleep(2)
+    else:
+        pytest.fail("foundation_auto still answers after the rollback to the base model")
+
 
 def test_lora_round_adapts_the_encoder_and_gets_its_own_embedding_cache(sample_data, labels, lite_model, tmp_path):
     """`--conf train_encoder_lora 4`: peft LoRA on the encoder's attention, merged into a plain encoder.

@@ -161,3 +161,22 @@ def test_schedule_interval_needs_new_labels_and_time():
     server.finish_round()
     server.now = 30 * 60
     assert not schedule.tick(), "time alone never starts a round"
+
+
+def test_mlflow_tracking_logs_a_round(tmp_path, monkeypatch):
+    from lib.engine.continual import RoundConfig
+    from lib.trainers.foundation import FoundationTrainer
+
+    monkeypatch.delenv("MONAI_LABEL_TRACKING_URI", raising=False)
+    versions = VersionStore(tmp_path / "model", BASE)
+    trainer = FoundationTrainer(None, versions, {"a": 1}, RoundConfig(), tmp_path / "embeddings", "mlflow")
+    history = [{"epoch": 1, "loss": 0.9, "val_auto_dice": 0.2}, {"epoch": 2, "loss": 0.5, "val_auto_dice": 0.4}]
+    metrics = {"history": history, "validation": {"auto_mean": 0.4, "prompted_mean": 0.8}, "round_seconds": 12.0}
+    trainer._track(1, metrics)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'model' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medfoundation").experiment_id])
+    assert run.info.run_name == "v0001"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val_auto_dice")] == [0.2, 0.4]
+    assert run.data.metrics["val_prompted_mean"] == 0.8

@@ -22,15 +22,24 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`monailabel start_server --app apps/medfoundation` as a child process.
+    """`monailabel start_server --app apps/medfoundation` (or another app) as a child process.
 
     Args:
         studies: the studies folder (or DICOMweb URL).
         log: file receiving the server's output.
         conf: extra `--conf key value` pairs.
+        app: the app folder (default: this repository's medfoundation app).
     """
 
-    def __init__(self, studies: Path | str, log: Path, conf: dict[str, str] | None = None, port: int | None = None):
+    def __init__(
+        self,
+        studies: Path | str,
+        log: Path,
+        conf: dict[str, str] | None = None,
+        port: int | None = None,
+        app: Path | str | None = None,
+    ):
+        self.app = str(app or REPO / "apps" / "medfoundation")
         self.studies = str(studies)
         self.log = Path(log)
         self.conf = conf or {}
@@ -41,7 +50,7 @@ class ServerProcess:
     def start(self, timeout: float = 180) -> ServerProcess:
         command = [
             sys.executable, "-m", "monailabel.main", "start_server",
-            "--app", str(REPO / "apps" / "medfoundation"), "--studies", self.studies,
+            "--app", self.app, "--studies", self.studies,
             "--host", "127.0.0.1", "--port", str(self.port),
         ]  # fmt: skip
         for key, value in self.conf.items():

@@ -115,7 +115,8 @@ class FoundationTrainer(TrainTask):
     def _track(self, version: int, metrics: dict[str, Any]) -> None:
         import mlflow
 
-        uri = os.environ.get("MONAI_LABEL_TRACKING_URI") or (self.versions.root.parent / "mlruns").as_uri()
+        # MLflow 3 keeps its file store read-only: a SQLite file beside the versions is the local default
+        uri = os.environ.get("MONAI_LABEL_TRACKING_URI") or f"sqlite:///{self.versions.root.parent / 'mlflow.db'}"
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("medfoundation")
         with mlflow.start_run(run_name=f"v{version:04d}"):

@@ -1,0 +1,90 @@
+"""The baseline: MONAI Label's own radiology `segmentation` model, trained from scratch on the same labels.
+
+    python -m lib.evaluation.bench_baseline --data sample-data/build --out bench-results/baseline --minutes 10
+
+The sample radiology app that ships with MONAI Label (`<venv>/monailabel/sample-apps/radiology`, copied to a
+fresh folder so no earlier model is used) is started with `--conf models segmentation`, our ten labels and
+no pre-trained weights. The training volumes of the continual-learning benchmark's 8-volume round (same
+split: lib.engine.continual.split_by_volume) are saved as final labels through MONAILabelClient, its trainer
+runs for the given wall time, and its infer task segments the same held-out volumes; 3D Dice per label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monailabel.client import MONAILabelClient
+
+from lib.engine.continual import LabelledImage, split_by_volume
+from lib.evaluation.ground_truth import dice
+from lib.evaluation.server import ServerProcess
+
+RADIOLOGY = Path(sys.prefix) / "monailabel" / "sample-apps" / "radiology"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("sample-data/build"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results/baseline"))
+    parser.add_argument("--labelled", type=int, default=8)
+    parser.add_argument("--held-out", default="sub-09,sub-10,sub-11,sub-12")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training wall time before it is stopped")
+    args = parser.parse_args()
+    labels = json.loads((args.data / "labels.json").read_text())
+    if list(labels.values()) != list(range(1, len(labels) + 1)):
+        raise SystemExit("the radiology app numbers labels 1..n in the order given; labels.json must too")
+    images = [LabelledImage(f"sub-{i:02d}", "", "") for i in range(1, args.labelled + 1)]
+    train, _ = split_by_volume(images, 0.25)
+    held_out = args.held_out.split(",")
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    app, studies = args.out / "radiology", args.out / "studies"
+    shutil.copytree(RADIOLOGY, app, ignore=shutil.ignore_patterns("__pycache__", "model", "logs"))
+    studies.mkdir(parents=True)
+    for subject in [i.image_id for i in train] + held_out:
+        shutil.copy(args.data / "studies" / f"{subject}.nii.gz", studies)
+    conf = {"models": "segmentation", "labels": ",".join(labels), "use_pretrained_model": "false"}
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "train": [i.image_id for i in train], "held_out": held_out}
+    with ServerProcess(studies, args.out / "server.log", conf, app=app) as server:
+        client = MONAILabelClient(server.url, tmpdir=str(args.out))
+        for image in train:
+            client.save_label(image.image_id, str(args.data / "ground-truth" / f"{image.image_id}.nii.gz"), "final")
+        begin = time.time()
+        client.train_start("segmentation", {"max_epochs": 1000, "val_split": 0.0, "train_batch_size": 1})
+        while time.time() - begin < args.minutes * 60:
+            status = client.train_status()
+            if status.get("status") in ("DONE", "ERROR", "STOPPED"):
+                break
+            time.sleep(10)
+        client.train_stop()
+        result["train_seconds"] = round(time.time() - begin, 1)
+        details = client.train_status().get("details", [])
+        result["last_log_lines"] = details[-5:]
+        models = sorted(str(p.relative_to(app)) for p in (app / "model").rglob("*.pt"))
+        result["model_files"] = models
+        scores: dict[str, list[float]] = {name: [] for name in labels}
+        infer_seconds = []
+        for subject in held_out:
+            start = time.time()
+            path, _ = client.infer("segmentation", subject, {})
+            infer_seconds.append(time.time() - start)
+            predicted = np.asarray(nib.load(path).dataobj)
+            truth = np.asarray(nib.load(args.data / "ground-truth" / f"{subject}.nii.gz").dataobj)
+            for name, value in labels.items():
+                scores[name].append(dice(predicted == value, truth == value))
+    result["dice"] = {n: round(float(np.mean(v)), 4) for n, v in scores.items()}
+    result["dice_mean"] = round(float(np.mean(list(result["dice"].values()))), 4)
+    result["infer_seconds_per_volume"] = round(float(np.mean(infer_seconds)), 1)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
