@@ -478,18 +478,20 @@ def train(
             optimizer.step()
             losses.append(loss.item())
             step += 1
-        metrics = evaluate(model, head, val_cases, head.names, prompted=False) if val_cases else {"auto_mean": None}
+        # a few volumes make many short epochs: validate about 20 times a round, and after the last epoch
+        if val_cases and (epoch % max(1, epochs // 20) == 0 or epoch == epochs):
+            validation = evaluate(model, head, val_cases, head.names, prompted=False)["auto_mean"]
+        else:
+            validation = None
         record = {
             "epoch": epoch,
             "loss": round(float(np.mean(losses)), 4),
-            "val_auto_dice": metrics["auto_mean"],
+            "val_auto_dice": validation,
             "seconds": round(time.perf_counter() - begin, 1),
         }
         history.append(record)
-        progress(
-            f"epoch {epoch}/{epochs}: loss {record['loss']:.4f}, validation Dice (automatic) "
-            f"{record['val_auto_dice']}, {record['seconds']:.0f} s"
-        )
+        shown = "" if validation is None else f", validation Dice (automatic) {validation}"
+        progress(f"epoch {epoch}/{epochs}: loss {record['loss']:.4f}{shown}, {record['seconds']:.0f} s")
     _finish(model, head, adapter)
     return TrainOutcome(epochs, step, time.perf_counter() - begin, history)
 

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.engine.interactive import VolumeResult
 from lib.engine.prompts import PromptError
 from lib.engine.service import SegmentationService
 from lib.engine.volumes import ImageReadError
@@ -44,22 +45,34 @@ class FoundationInfer(InferTask):
         try:
             result = self.service.segment(request.get("image", ""), request, self.dimension)
         except ImageReadError as error:
-            status = 404 if "not found" in str(error) else 422
-            raise HTTPException(status_code=status, detail=str(error)) from error
+            raise image_error(error) from error
         except PromptError as error:
             raise HTTPException(status_code=400, detail=str(error)) from error
-        try:
-            path = write_label(
-                result.mask,
-                result.affine,
-                extension=str(request.get("result_extension") or ".nii.gz"),
-                compress=str(request.get("result_compress", True)).lower() not in ("false", "0"),
-                dtype=str(request.get("result_dtype") or "uint8"),
-            )
-        except ValueError as error:
-            raise HTTPException(status_code=400, detail=str(error)) from error
-        info = dict(result.info)
-        info.update(model_version=self.service.model.version, latency=round(time.perf_counter() - begin, 4))
+        path, info = label_response(result, request, self.service.model.version, begin)
         if request.get("label"):
             info["label_names"] = {str(request["label"]): 1}
         return path, info
+
+
+def image_error(error: ImageReadError) -> HTTPException:
+    """404 for a missing image, 422 for one that cannot be read."""
+    return HTTPException(status_code=404 if "not found" in str(error) else 422, detail=str(error))
+
+
+def label_response(
+    result: VolumeResult, request: dict[str, Any], model_version: str, begin: float
+) -> tuple[str, dict[str, Any]]:
+    """Write the label in the format the request asks for; (path, info) as MONAI Label's infer returns them."""
+    try:
+        path = write_label(
+            result.mask,
+            result.affine,
+            extension=str(request.get("result_extension") or ".nii.gz"),
+            compress=str(request.get("result_compress", True)).lower() not in ("false", "0"),
+            dtype=str(request.get("result_dtype") or "uint8"),
+        )
+    except ValueError as error:
+        raise HTTPException(status_code=400, detail=str(error)) from error
+    info = dict(result.info)
+    info.update(model_version=model_version, latency=round(time.perf_counter() - begin, 4))
+    return path, info

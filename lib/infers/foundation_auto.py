@@ -11,7 +11,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.engine.auto import NothingLearnedError
 from lib.engine.service import SegmentationService
 from lib.engine.volumes import ImageReadError
-from lib.infers.writer import write_label
+from lib.infers.foundation import image_error, label_response
 
 
 class FoundationAutoInfer(InferTask):
@@ -38,19 +38,7 @@ class FoundationAutoInfer(InferTask):
         try:
             result = self.service.segment_auto(request.get("image", ""), self.labels)
         except ImageReadError as error:
-            status = 404 if "not found" in str(error) else 422
-            raise HTTPException(status_code=status, detail=str(error)) from error
+            raise image_error(error) from error
         except NothingLearnedError as error:
             raise HTTPException(status_code=409, detail=str(error)) from error
-        try:
-            path = write_label(
-                result.mask,
-                result.affine,
-                extension=str(request.get("result_extension") or ".nii.gz"),
-                compress=str(request.get("result_compress", True)).lower() not in ("false", "0"),
-            )
-        except ValueError as error:
-            raise HTTPException(status_code=400, detail=str(error)) from error
-        info = dict(result.info)
-        info.update(model_version=self.service.model.version, latency=round(time.perf_counter() - begin, 4))
-        return path, info
+        return label_response(result, request, self.service.model.version, begin)
