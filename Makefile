@@ -10,7 +10,7 @@ STUDIES ?= $(DATA)/studies
 CONF ?= --conf labels $(DATA)/labels.json
 PYTEST_ARGS ?=
 
-.PHONY: venv data run test bench lint clean
+.PHONY: venv data run test bench bench-learning lint clean
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ test: venv
 
 bench: venv data
 	$(PY) -m lib.evaluation.bench_serving --data $(DATA) --out bench-results $(if $(QUICK),--quick,)
+
+# continual learning: rounds after 2, 4, 8 labelled volumes, scored on 4 held-out ones (~40 min on 2 cores)
+bench-learning: venv data
+	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
