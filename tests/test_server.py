@@ -38,7 +38,9 @@ def test_info_lists_the_foundation_tasks(client, labels):
     assert info["name"] == "medfoundation"
     assert info["models"]["foundation"]["dimension"] == 3
     assert info["models"]["foundation_2d"]["dimension"] == 2
-    assert {m["type"] for m in info["models"].values()} == {"deepgrow"}
+    assert info["models"]["foundation"]["type"] == info["models"]["foundation_2d"]["type"] == "deepgrow"
+    assert info["models"]["foundation_auto"]["type"] == "segmentation"
+    assert "foundation" in info["trainers"]
     assert info["labels"] == labels
     assert {"random", "first"} <= set(info["strategies"])
 
