@@ -50,7 +50,8 @@ def main() -> None:
     studies.mkdir(parents=True)
     for subject in [i.image_id for i in train] + held_out:
         shutil.copy(args.data / "studies" / f"{subject}.nii.gz", studies)
-    conf = {"models": "segmentation", "labels": ",".join(labels), "use_pretrained_model": "false"}
+    # no SAM2 task: it downloads its weights at start, which fails offline
+    conf = {"models": "segmentation", "labels": ",".join(labels), "use_pretrained_model": "false", "sam2": "false"}
     result: dict = {"date": time.strftime("%Y-%m-%d"), "train": [i.image_id for i in train], "held_out": held_out}
     with ServerProcess(studies, args.out / "server.log", conf, app=app) as server:
         client = MONAILabelClient(server.url, tmpdir=str(args.out))
