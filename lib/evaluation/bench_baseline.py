@@ -58,7 +58,9 @@ def main() -> None:
         for image in train:
             client.save_label(image.image_id, str(args.data / "ground-truth" / f"{image.image_id}.nii.gz"), "final")
         begin = time.time()
-        client.train_start("segmentation", {"max_epochs": 1000, "val_split": 0.0, "train_batch_size": 1})
+        # MONAI Label tracks to an MLflow file store by default, which MLflow 3 refuses: the round dies at start
+        params = {"max_epochs": 1000, "val_split": 0.0, "train_batch_size": 1, "tracking": "None"}
+        client.train_start("segmentation", params)
         while time.time() - begin < args.minutes * 60:
             status = client.train_status()
             if status.get("status") in ("DONE", "ERROR", "STOPPED"):
@@ -70,6 +72,8 @@ def main() -> None:
         result["last_log_lines"] = details[-5:]
         models = sorted(str(p.relative_to(app)) for p in (app / "model").rglob("*.pt"))
         result["model_files"] = models
+        if not models:
+            raise SystemExit("the radiology trainer saved no model:\n" + "\n".join(details))
         scores: dict[str, list[float]] = {name: [] for name in labels}
         infer_seconds = []
         for subject in held_out:
