@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from lib.engine.embedding_store import EmbeddingStore
+from lib.engine.interactive import bounding_box
 from lib.engine.preprocessing import SliceGeometry
 from lib.engine.volumes import PreparedVolume
 from lib.model.auto_head import AutoHead
@@ -136,8 +137,8 @@ def prepare_case(
 
 
 def _box(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+    """(4,) x0, y0, x1, y1 of a non-empty (H, W) mask, the far edges exclusive (SAM's box convention)."""
+    return bounding_box(mask).astype(np.float32) + np.float32([0, 0, 1, 1])
 
 
 def jitter_box(box: np.ndarray, rng: np.random.Generator, fraction: float = 0.1, pixels: float = 2.0) -> np.ndarray:
@@ -283,11 +284,15 @@ def embed(model: FoundationModel, case: Case, rows: Sequence[int] | slice) -> to
     The frozen encoder's come from the case's cache; an encoder being adapted (LoRA) or adapted this round
     (`model.adapted_encoder`) recomputes them from the cached input pixels.
     """
-    device = model.pixel_mean.device
     if not getattr(model, "adapted_encoder", False):
-        return case.embeddings[rows].to(device).float()
-    pixels = case.pixels[rows].to(device).float()[:, None].expand(-1, 3, -1, -1)
-    return model.image_encoder(model.normalize(pixels)).float()
+        return case.embeddings[rows].to(model.pixel_mean.device).float()
+    return encode_cached_pixels(model, case.pixels[rows])
+
+
+def encode_cached_pixels(model: FoundationModel, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 256, 256) uint8 cached encoder input -> (B, 256, 64, 64) float embeddings, with autograd if enabled."""
+    rgb = pixels.to(model.pixel_mean.device).float()[:, None].expand(-1, 3, -1, -1)
+    return model.image_encoder(model.normalize(rgb)).float()
 
 
 def attach_lora(model: FoundationModel, rank: int) -> torch.nn.Module:
@@ -452,9 +457,8 @@ def train(
             if adapter is None:
                 embeddings = torch.stack([train_cases[c].embeddings[i] for c, i in picked]).to(device).float()
             else:
-                rgb = pixels.to(device).float()[:, None].expand(-1, 3, -1, -1)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_head):
-                    embeddings = model.image_encoder(model.normalize(rgb)).float()
+                    embeddings = encode_cached_pixels(model, pixels)
             targets = torch.stack([train_cases[c].targets[i] for c, i in picked])
             present = torch.stack([train_cases[c].present for c, _ in picked]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_head):
