@@ -316,7 +316,8 @@ def run_head(model: FoundationModel, head: AutoHead, embeddings: torch.Tensor, p
     return head(embeddings.to(device).float(), model.dense_pe(), pixels.to(device).float().unsqueeze(1) / 255.0)
 
 
-def _dice(prediction: torch.Tensor, truth: torch.Tensor) -> float:
+def dice(prediction: torch.Tensor, truth: torch.Tensor) -> float:
+    """Dice of two boolean tensors; 1.0 when both are empty."""
     total = int(prediction.sum()) + int(truth.sum())
     return 1.0 if total == 0 else 2.0 * int((prediction & truth).sum()) / total
 
@@ -355,7 +356,7 @@ def evaluate(
             if not case.present[channel - 1]:
                 continue
             truth = case.targets == channel
-            auto[name].append(_dice(predicted == channel, truth) if head is not None else 0.0)
+            auto[name].append(dice(predicted == channel, truth) if head is not None else 0.0)
         if not prompted:
             continue
         for i in range(len(case.slices)):
@@ -368,7 +369,7 @@ def evaluate(
             for c, logit in zip(channels, logits[:, 0].cpu(), strict=True):
                 truth = case.targets[i] == c
                 for threshold in thresholds:
-                    boxed[threshold][names[c - 1]].append(_dice(logit > threshold, truth))
+                    boxed[threshold][names[c - 1]].append(dice(logit > threshold, truth))
 
     def means(values: dict[str, list[float]]) -> dict[str, float]:
         return {n: round(float(np.mean(v)), 4) for n, v in values.items() if v}
