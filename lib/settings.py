@@ -85,6 +85,9 @@ class AppSettings:
     train_slice_step: int = 2  # train on every n-th labelled slice (1: all; larger: faster rounds)
     gate_tolerance: float = 0.01  # mean Dice a new version may lose against the served one and still be served
     tracking: str = "none"  # none | mlflow
+    # active learning (README: "Active learning")
+    score_slices: int = 12  # slices per volume the foundation_uncertainty score looks at (per stage)
+    lease_minutes: float = 30.0  # an image handed to one annotator is not handed to another for this long (0: off)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
@@ -107,9 +110,9 @@ class AppSettings:
                 "train_encoder_lora",
             ):
                 values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
-            elif key in ("train_steps", "train_slice_step"):
+            elif key in ("train_steps", "train_slice_step", "score_slices"):
                 values[key] = _number(key, raw, int, 1)
-            elif key in ("train_interval_minutes", "gate_tolerance"):
+            elif key in ("train_interval_minutes", "gate_tolerance", "lease_minutes"):
                 values[key] = _number(key, raw, float, 0.0)
             elif key == "focus_context":
                 values[key] = _number(key, raw, float, 0.0)

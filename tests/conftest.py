@@ -72,5 +72,6 @@ def server(sample_data, tmp_path_factory):
         "train_every_labels": "0",
         "train_interval_minutes": "0",
     }
-    with ServerProcess(studies, log, conf) as process:
+    # scoring at start has its own tests (test_active_learning.py); here it would only compete for the CPU
+    with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as process:
         yield process.url, studies, log

@@ -98,7 +98,7 @@ def learning_server(sample_data, tmp_path_factory):
         "train_steps": str(TEST_TRAIN.steps),
         "train_slice_step": str(TEST_TRAIN.slice_step),
     }
-    with ServerProcess(studies, log, conf) as process:
+    with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as process:
         yield process
 
 

@@ -20,21 +20,24 @@ if str(REPO_ROOT) not in sys.path:  # the top-level `lib` package lives beside `
 from fastapi import HTTPException  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.scoring import ScoringMethod  # noqa: E402
 from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
-from monailabel.tasks.activelearning.first import First  # noqa: E402
-from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.utils.async_tasks.utils import processes  # noqa: E402
 
+from lib.activelearning.leases import LeaseBook  # noqa: E402
+from lib.activelearning.strategies import Diverse, FirstUnlabelled, RandomUnlabelled, Uncertain  # noqa: E402
 from lib.engine.continual import RoundConfig  # noqa: E402
 from lib.engine.interactive import PropagationConfig  # noqa: E402
 from lib.engine.preprocessing import IntensityConfig  # noqa: E402
 from lib.engine.service import SegmentationService, ServiceConfig  # noqa: E402
 from lib.engine.training import TrainConfig  # noqa: E402
+from lib.engine.uncertainty import ScoreConfig  # noqa: E402
 from lib.infers.foundation import FoundationInfer  # noqa: E402
 from lib.infers.foundation_auto import FoundationAutoInfer  # noqa: E402
 from lib.model import LoadedModel, build_model  # noqa: E402
 from lib.model.versions import VersionStore  # noqa: E402
+from lib.scoring.foundation_uncertainty import FoundationUncertainty, descriptor_file  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
 from lib.trainers.foundation import FoundationTrainer, labelled_images  # noqa: E402
 from lib.trainers.schedule import RetrainSchedule, ScheduleConfig  # noqa: E402
@@ -52,6 +55,8 @@ class MedFoundationApp(MONAILabelApp):
         self.versions = VersionStore(self.model_dir, self.base_model.base_version)
         model = self.load_version(self.versions.served())
         self.schedule: RetrainSchedule | None = None
+        self.server_process = False  # True once on_init_complete ran: train/scoring subprocesses never get there
+        self.leases = LeaseBook(self.settings.lease_minutes)
         self.service = SegmentationService(
             model,
             ServiceConfig(
@@ -116,7 +121,19 @@ class MedFoundationApp(MONAILabelApp):
         return {"foundation": trainer}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        served = lambda: self.service.model.number  # noqa: E731
+        descriptors = lambda: descriptor_file(self.model_dir, self.service.model.encoder_version)  # noqa: E731
+        return {
+            "uncertain": Uncertain(self.leases, served),
+            "diverse": Diverse(self.leases, served, descriptors),
+            "random": RandomUnlabelled(self.leases),
+            "first": FirstUnlabelled(self.leases),
+        }
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        config = ScoreConfig(slices=self.settings.score_slices, mask_threshold=self.settings.mask_threshold)
+        method = FoundationUncertainty(self.service, self.model_dir, config, self.versions, self.load_version)
+        return {"foundation_uncertainty": method}
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
         """Refuse unknown models and images with a 404 naming them, before any work starts."""
@@ -130,8 +147,10 @@ class MedFoundationApp(MONAILabelApp):
         return super().infer(request, datastore)
 
     def on_init_complete(self) -> None:
-        """Server process only (not the train subprocess): start the retraining schedule."""
-        super().on_init_complete()
+        """Server process only (not the train or scoring subprocess): leases, scoring, the retraining schedule."""
+        self.server_process = True
+        self.leases.seed(self._handed_out())
+        super().on_init_complete()  # starts scoring in the background (MONAI_LABEL_AUTO_UPDATE_SCORING)
         self.service.predictor.start_warm_up()
         self.schedule = RetrainSchedule(
             ScheduleConfig(self.settings.train_every_labels, self.settings.train_interval_minutes),
@@ -161,9 +180,35 @@ class MedFoundationApp(MONAILabelApp):
         if self._auto_update_scoring:
             self.async_scoring(None)  # a new model changes what is uncertain
 
+    def _handed_out(self) -> list[tuple[str, str, float]]:
+        """(image, client, time) of every hand-out MONAI Label recorded in the datastore (leases survive a restart)."""
+        datastore = self.datastore()
+        records = []
+        for image in datastore.get_unlabeled_images():
+            for record in (datastore.get_image_info(image).get("strategy") or {}).values():
+                if isinstance(record, dict) and record.get("client_id"):
+                    records.append((image, str(record["client_id"]), float(record.get("ts", 0))))
+        return records
+
+    def async_scoring(self, method, params=None):
+        """Only the server starts scoring runs: MONAI Label's train subprocess would start one after every round,
+        published or not; the server starts one when it serves a new version."""
+        if not self.server_process:
+            return {}
+        return super().async_scoring(method, params)
+
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Hand out an image and start encoding its middle slices, so the annotator's first click is fast."""
-        result = super().next_sample(request)
-        if result.get("path") and os.path.exists(result["path"]):
+        """Hand out an image (leased to the asking annotator) and start encoding its middle slices, so the first
+        click is fast. Unlike MONAI Label's, this does not start a scoring run per request: scores change when
+        the model does, and the server rescores then."""
+        name = request.get("strategy") or "random"
+        strategy = self._strategies.get(name)
+        if strategy is None:
+            raise HTTPException(404, f"unknown strategy {name!r}; available: {', '.join(sorted(self._strategies))}")
+        result = strategy(request, self.datastore())
+        if not result.get("id"):
+            return result  # a clear answer (nothing left, or all taken), not an error
+        result["path"] = self.datastore().get_image_uri(result["id"])
+        if result["path"] and os.path.exists(result["path"]):
             self.service.prefetch(result["path"])
         return result

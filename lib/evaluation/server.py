@@ -29,6 +29,7 @@ class ServerProcess:
         log: file receiving the server's output.
         conf: extra `--conf key value` pairs.
         app: the app folder (default: this repository's medfoundation app).
+        env: extra environment variables (MONAI Label's own settings, e.g. MONAI_LABEL_AUTO_UPDATE_SCORING).
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class ServerProcess:
         conf: dict[str, str] | None = None,
         port: int | None = None,
         app: Path | str | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.app = str(app or REPO / "apps" / "medfoundation")
         self.studies = str(studies)
@@ -45,6 +47,7 @@ class ServerProcess:
         self.conf = conf or {}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.env = env or {}
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> ServerProcess:
@@ -55,7 +58,7 @@ class ServerProcess:
         ]  # fmt: skip
         for key, value in self.conf.items():
             command += ["--conf", key, str(value)]
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **self.env)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
