@@ -10,7 +10,7 @@ STUDIES ?= $(DATA)/studies
 CONF ?= --conf labels $(DATA)/labels.json
 PYTEST_ARGS ?=
 
-.PHONY: venv data run test bench bench-learning lint clean
+.PHONY: venv data run test bench bench-learning bench-active lint clean
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ bench: venv data
 # continual learning: rounds after 2, 4, 8 labelled volumes, scored on 4 held-out ones (~40 min on 2 cores)
 bench-learning: venv data
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning
+
+# active learning: uncertain / diverse / random (3 seeds) picking from 12 volumes, 4 held out (~75 min on 2 cores)
+bench-active: venv data
+	$(PY) -m lib.evaluation.bench_active --data $(DATA) --out bench-results/active
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

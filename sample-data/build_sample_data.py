@@ -46,7 +46,7 @@ STRUCTURES: dict[str, int] = {
     "right_pallidum": 55,
 }
 LABELS: dict[str, int] = {name: i + 1 for i, name in enumerate(STRUCTURES)}
-DEFAULT_SUBJECTS = 12  # 8 to label in the learning benchmark + 4 held out
+DEFAULT_SUBJECTS = 16  # 8 to label in the learning benchmark + 4 held out + 4 more for the active-learning pool
 DEFAULT_SEED = 20261128
 
 
