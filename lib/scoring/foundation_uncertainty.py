@@ -94,7 +94,11 @@ class FoundationUncertainty(ScoringMethod):
             "" if model.auto_head is not None else " (nothing learned yet: cold start from embeddings)",
         )
         scored, skipped, failed = 0, 0, []
+        pending: dict = {}  # descriptors are written in batches: the file holds every image's
         for n, image in enumerate(images, start=1):
+            if len(pending) >= 16:
+                descriptors.update(pending)
+                pending.clear()
             try:
                 volume = self.service.volumes.get(datastore.get_image_uri(image))
             except ImageReadError as error:
@@ -109,11 +113,12 @@ class FoundationUncertainty(ScoringMethod):
             )
             if image not in unlabelled or model.auto_head is None or (current and not force):
                 if descriptors.key_of(image) != volume.key:
-                    descriptors.update({image: (volume.key, describe_volume(volume, stores["identity"], config))})
+                    pending[image] = (volume.key, describe_volume(volume, stores["identity"], config))
+                    logger.info("foundation_uncertainty: %d/%d %s described (embedding space)", n, len(images), image)
                 skipped += image in unlabelled and current
                 continue
             result = score_volume(model, volume, stores, views, config, previous)
-            descriptors.update({image: (volume.key, result.descriptor)})
+            pending[image] = (volume.key, result.descriptor)
             self._store(datastore, image, {
                 "score": result.score, "labels": result.labels, "parts": result.parts, "method": "model",
                 "version": model.number, "model": model.version, "volume": volume.key, "slices": result.slices,
@@ -124,6 +129,8 @@ class FoundationUncertainty(ScoringMethod):
                 "foundation_uncertainty: %d/%d %s score %.3f (%.1f s)", n, len(images), image, result.score,
                 result.seconds,
             )  # fmt: skip
+        if pending:
+            descriptors.update(pending)
         if model.auto_head is None:
             vectors = descriptors.vectors()
             known = {i: v for i, v in vectors.items() if i in images}
