@@ -48,7 +48,7 @@ bench: venv data
 bench-learning: venv data
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning
 
-# active learning: uncertain / diverse / random (3 seeds) picking from 12 volumes, 4 held out (~75 min on 2 cores)
+# active learning: uncertain / diverse / random (3 seeds) picking from 12 volumes, 4 held out (~2.5 h on 2 cores)
 bench-active: venv data
 	$(PY) -m lib.evaluation.bench_active --data $(DATA) --out bench-results/active
 
