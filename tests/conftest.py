@@ -53,16 +53,21 @@ def lite_model(tmp_path_factory):
     return build_model("lite_medsam", model_dir=tmp_path_factory.mktemp("model"))
 
 
+def server_folders(sample_data: Path, tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """A fresh copy of the sample studies (a server's datastore writes beside them) and a log path."""
+    studies = tmp_path_factory.mktemp(f"studies{name}")
+    for image in sorted((sample_data / "studies").glob("*.nii.gz")):
+        shutil.copy(image, studies / image.name)
+    return studies, tmp_path_factory.mktemp(f"server{name}") / "server.log"
+
+
 @pytest.fixture(scope="session")
 def server(sample_data, tmp_path_factory):
     """`monailabel start_server --app apps/medfoundation` on a copy of the sample studies, on loopback.
 
     Yields (url, studies folder, log path); stopped by its PID at the end.
     """
-    studies = tmp_path_factory.mktemp("studies")
-    for image in sorted((sample_data / "studies").glob("*.nii.gz")):
-        shutil.copy(image, studies / image.name)
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    studies, log = server_folders(sample_data, tmp_path_factory, "")
     # compiling the decoder takes a minute of CPU in the background; tests/test_compiled_decoder.py covers it
     conf = {
         "labels": str(sample_data / "labels.json"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
 
+from conftest import server_folders
 from lib.activelearning.leases import LeaseBook
 from lib.engine.cache import EmbeddingCache
 from lib.engine.predictor import SlicePredictor
@@ -141,10 +141,7 @@ def test_score_volume_on_the_real_model(sample_data, labels, lite_model, tmp_pat
 
 @pytest.fixture(scope="module")
 def active_server(sample_data, tmp_path_factory):
-    studies = tmp_path_factory.mktemp("studies-active")
-    for image in sorted((sample_data / "studies").glob("*.nii.gz")):
-        shutil.copy(image, studies / image.name)
-    log = tmp_path_factory.mktemp("server-active") / "server.log"
+    studies, log = server_folders(sample_data, tmp_path_factory, "-active")
     conf = {
         "labels": str(sample_data / "labels.json"),
         "prefetch_slices": "0",

@@ -7,7 +7,6 @@ through MONAILabelClient, the schedule starts the round in MONAI Label's train s
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import nibabel as nib
@@ -17,7 +16,7 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from conftest import load_truth
+from conftest import load_truth, server_folders
 from lib.engine.continual import LabelledImage, RoundConfig, run_round, split_by_volume
 from lib.engine.embedding_store import EmbeddingStore
 from lib.engine.predictor import SlicePredictor
@@ -84,10 +83,7 @@ def test_round_is_published_and_a_worse_round_is_kept_but_not_served(sample_data
 
 @pytest.fixture(scope="module")
 def learning_server(sample_data, tmp_path_factory):
-    studies = tmp_path_factory.mktemp("studies-continual")
-    for image in sorted((sample_data / "studies").glob("*.nii.gz")):
-        shutil.copy(image, studies / image.name)
-    log = tmp_path_factory.mktemp("server-continual") / "server.log"
+    studies, log = server_folders(sample_data, tmp_path_factory, "-continual")
     conf = {
         "labels": str(sample_data / "labels.json"),
         "prefetch_slices": "0",
