@@ -229,6 +229,9 @@ def report(results: dict) -> str:
     for name, needed in summary["labels_needed"].items():
         lines.append(f"- {name}: " + (f"reaches it with {needed}" if needed else "does not reach it in this run"))
     timing = results["scoring_seconds"]
+    if timing["first_mean"] is None:
+        lines += ["", "Scoring was not timed in this run (`--time-scoring` times it alone)."]
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"Scoring wall time per volume: {timing['first_mean']} s the first time (encoding "
@@ -253,6 +256,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--report-only", action="store_true", help="rewrite report and plot from results.json")
     parser.add_argument(
+        "--append", action="store_true",
+        help="keep the runs already in results.json and add only the planned runs it lacks (same data and pool)",
+    )  # fmt: skip
+    parser.add_argument(
         "--time-scoring", action="store_true",
         help="time scoring alone (fresh embedding folder, the last uncertain run's version) into results.json",
     )  # fmt: skip
@@ -276,6 +283,9 @@ def main() -> None:
         "held_out": args.held_out.split(","), "train_steps": args.steps, "score_slices": args.score_slices,
         "runs": {},
     }  # fmt: skip
+    if args.append:
+        results = appendable(args.out / "results.json", results)
+    results.setdefault("run_dates", {})
     begin = time.perf_counter()
     plan = []
     for strategy in args.strategies.split(","):
@@ -285,12 +295,31 @@ def main() -> None:
         else:
             plan.append((strategy, 0, [int(c) for c in args.counts.split(",")]))
     for strategy, seed, counts in plan:
+        if f"{strategy}-{seed}" in results["runs"]:
+            logger.info("%s-%d: already in results.json, kept", strategy, seed)
+            continue
         results["runs"][f"{strategy}-{seed}"] = bench.run(strategy, seed, counts, stamp)
-        results["score_seconds"] = bench.score_seconds
+        results["run_dates"][f"{strategy}-{seed}"] = stamp
+        if not args.append or bench.score_seconds["first"]:
+            results["score_seconds"] = bench.score_seconds
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    results["score_seconds"] = bench.score_seconds
-    results["total_seconds"] = round(time.perf_counter() - begin, 1)
+    if not args.append or bench.score_seconds["first"]:
+        results["score_seconds"] = bench.score_seconds
+    results["total_seconds" if not args.append else "appended_seconds"] = round(time.perf_counter() - begin, 1)
     finish(results, args.out)
+
+
+def appendable(path: Path, fresh: dict) -> dict:
+    """The earlier results, if they were made with the same pool, held-out set, steps and slices: a run added
+    to results made another way would not be comparable."""
+    if not path.exists():
+        return fresh
+    earlier = json.loads(path.read_text())
+    earlier.setdefault("run_dates", {name: earlier["date"] for name in earlier["runs"]})
+    differs = [k for k in ("pool", "held_out", "train_steps", "score_slices", "device") if earlier.get(k) != fresh[k]]
+    if differs:
+        raise SystemExit(f"--append: {path} was made with other {', '.join(differs)}; rerun without --append")
+    return earlier
 
 
 def time_scoring(args: argparse.Namespace, subjects: tuple[str, ...] = ("sub-13", "sub-14", "sub-15")) -> dict:
