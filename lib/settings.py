@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lib.model.runtime import RUNTIMES
+
 DEFAULT_LABELS = {"structure": 1}
 
 
@@ -71,7 +73,10 @@ class AppSettings:
     propagation_margin: int = 3  # pixels around the previous slice's mask box
     propagation_mask_prompt: bool = False  # previous slice's logits as mask prompt (measured worse)
     focus_context: float = 3.0  # 2D box prompts: segment a window this many times the box (0: whole slice)
-    encoder_bf16: bool = True  # bfloat16 autocast for the image encoder on CPUs that support it
+    # the image encoder: float32 on OpenVINO (auto, on a CPU) answers exactly as torch float32 at bf16 torch's speed;
+    # bf16 is faster still but changes masks (mean Dice 0.96 against float32 on the sample slices; README "Speed")
+    encoder_runtime: str = "auto"  # auto | torch | openvino
+    encoder_bf16: bool = False  # bfloat16 encoder (CPUs with native bf16; on a GPU bf16 or fp16)
     compile_decoder: bool = True  # torch.compile the decoder for common prompt shapes, in the background
     # decoder logit threshold: SAM's is 0; LiteMedSAM under-segments these structures, and -1.5 was best for 2D
     # and 3D on held-out studies sub-04/sub-05 (python -m lib.evaluation.calibrate_threshold)
@@ -96,7 +101,7 @@ class AppSettings:
         for key, raw in conf.items():
             if key not in known:
                 continue  # MONAI Label's own keys (e.g. server_mode) pass through
-            if key in ("model", "device", "modality", "tracking"):
+            if key in ("model", "device", "modality", "tracking", "encoder_runtime"):
                 values[key] = str(raw).strip()
             elif key in ("checkpoint", "model_dir"):
                 values[key] = str(raw).strip() or None
@@ -131,6 +136,8 @@ class AppSettings:
         settings = cls(**values)
         if settings.modality.upper() not in ("AUTO", "CT", "MR"):
             raise ConfError(f"--conf modality {settings.modality!r}: expected auto, CT or MR")
+        if settings.encoder_runtime not in RUNTIMES:
+            raise ConfError(f"--conf encoder_runtime {settings.encoder_runtime!r}: expected {', '.join(RUNTIMES)}")
         if settings.tracking.lower() not in ("none", "mlflow"):
             raise ConfError(f"--conf tracking {settings.tracking!r}: expected none or mlflow")
         if not (settings.device in ("auto", "cpu", "cuda") or settings.device.startswith("cuda:")):

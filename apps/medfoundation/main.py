@@ -69,6 +69,8 @@ class MedFoundationApp(MONAILabelApp):
                 ),
                 prefetch_slices=self.settings.prefetch_slices,
                 encoder_bf16=self.settings.encoder_bf16,
+                encoder_runtime=self.settings.encoder_runtime,
+                encoder_ir_dir=str(self.model_dir / "openvino"),
                 focus_context=self.settings.focus_context,
                 compile_decoder=self.settings.compile_decoder,
                 mask_threshold=self.settings.mask_threshold,

@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lib.engine.auto import AutoConfig, auto_segment
@@ -33,6 +34,8 @@ class ServiceConfig:
     prefetch_slices: int = 48
     volumes_in_memory: int = 4
     encoder_bf16: bool = False
+    encoder_runtime: str = "torch"  # torch | openvino | auto (lib.model.runtime)
+    encoder_ir_dir: str | None = None  # where OpenVINO exports of the encoder are kept
     compile_decoder: bool = False
     mask_threshold: float = 0.0
     focus_context: float = 3.0  # 2D box prompts are segmented in a window 3x the box (measured +0.06 Dice)
@@ -51,6 +54,8 @@ class SegmentationService:
             device=device,
             encode_batch=1,
             encoder_autocast=config.encoder_bf16,
+            encoder_runtime=config.encoder_runtime,
+            ir_dir=Path(config.encoder_ir_dir) if config.encoder_ir_dir else None,
             compile_decoder=config.compile_decoder,
             mask_threshold=config.mask_threshold,
         )
