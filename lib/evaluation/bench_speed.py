@@ -205,7 +205,9 @@ def bench_scoring(args: argparse.Namespace, model, predictor: SlicePredictor, im
     views = default_views(config, model.network.image_size, model.network.mask_input_size[0])
     out = {"depth": volume.shape[2], "score_slices": config.slices}
     versions = []
-    if args.version_dir is not None and (args.version_dir / "served.json").exists():
+    if args.version_dir is not None:
+        if not (args.version_dir / "versions" / "served.json").exists():
+            raise SystemExit(f"--version-dir {args.version_dir}: no versions/served.json there")
         store = VersionStore(args.version_dir, model.base_version)
         number = store.served()
         versions.append(("trained", model.with_version(number, store.load_state(number), store.meta(number))))
@@ -269,7 +271,9 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=4, help="slices per volume for the agreement check")
     parser.add_argument("--timed-slices", type=int, default=3, help="slices whose encoder time is measured")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--version-dir", type=Path, default=None, help="a VersionStore folder with a trained head")
+    parser.add_argument(
+        "--version-dir", type=Path, default=None, help="a model folder whose served version has a trained head"
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="fewer slices and repeats")
     args = parser.parse_args()
     if args.quick:
@@ -294,9 +298,9 @@ def main() -> None:
         "slices": len({id(p.pixels) for p in prompts}), "prompts": len(prompts), "repeats": args.repeats,
         "timed_slices": args.timed_slices,
     }  # fmt: skip
+    results["scoring"] = bench_scoring(args, model, predictor, images[-1][0])
     results["model"] = bench_model(args, model, predictor, prompts)
     results["propagation"] = bench_propagation(args, model, images[0][1], images[0][0])
-    results["scoring"] = bench_scoring(args, model, predictor, images[-1][0])
     (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "speed.md").write_text(report(results))
     print(report(results))
