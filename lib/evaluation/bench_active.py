@@ -303,8 +303,6 @@ def main() -> None:
         if not args.append or bench.score_seconds["first"]:
             results["score_seconds"] = bench.score_seconds
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    if not args.append or bench.score_seconds["first"]:
-        results["score_seconds"] = bench.score_seconds
     results["total_seconds" if not args.append else "appended_seconds"] = round(time.perf_counter() - begin, 1)
     finish(results, args.out)
 
