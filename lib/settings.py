@@ -67,6 +67,7 @@ class AppSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
     cache_mb: int = 1024  # embedding cache budget, shared by all users
+    max_megavoxels: float = 512.0  # uploaded images and labels with more voxels (millions) are refused (413)
     modality: str = "auto"  # auto | CT | MR
     ct_window: tuple[float, float] = (40.0, 400.0)  # level, width (HU)
     prefetch_slices: int = 48  # slices pre-encoded when an image is handed out (0: off)
@@ -119,6 +120,8 @@ class AppSettings:
                 values[key] = _number(key, raw, int, 1)
             elif key in ("train_interval_minutes", "gate_tolerance", "lease_minutes"):
                 values[key] = _number(key, raw, float, 0.0)
+            elif key == "max_megavoxels":
+                values[key] = _number(key, raw, float, 0.001)
             elif key == "focus_context":
                 values[key] = _number(key, raw, float, 0.0)
             elif key == "mask_threshold":

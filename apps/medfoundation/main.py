@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ if str(REPO_ROOT) not in sys.path:  # the top-level `lib` package lives beside `
     sys.path.insert(0, str(REPO_ROOT))
 
 from fastapi import HTTPException  # noqa: E402
+from monailabel.config import settings as monailabel_settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.datastore import Datastore  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.scoring import ScoringMethod  # noqa: E402
 from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
@@ -27,12 +30,14 @@ from monailabel.utils.async_tasks.utils import processes  # noqa: E402
 
 from lib.activelearning.leases import LeaseBook  # noqa: E402
 from lib.activelearning.strategies import Diverse, FirstUnlabelled, RandomUnlabelled, Uncertain  # noqa: E402
+from lib.datastore.local import SafeLocalDatastore  # noqa: E402
 from lib.engine.continual import RoundConfig  # noqa: E402
 from lib.engine.interactive import PropagationConfig  # noqa: E402
 from lib.engine.preprocessing import IntensityConfig  # noqa: E402
 from lib.engine.service import SegmentationService, ServiceConfig  # noqa: E402
 from lib.engine.training import TrainConfig  # noqa: E402
 from lib.engine.uncertainty import ScoreConfig  # noqa: E402
+from lib.hardening import install as install_hardening  # noqa: E402
 from lib.infers.foundation import FoundationInfer  # noqa: E402
 from lib.infers.foundation_auto import FoundationAutoInfer  # noqa: E402
 from lib.model import LoadedModel, build_model  # noqa: E402
@@ -96,6 +101,30 @@ class MedFoundationApp(MONAILabelApp):
             logger.error("model version %d cannot be served (%s); serving the base model", number, error)
             return self.base_model
 
+    def init_datastore(self) -> Datastore:
+        """A local folder gets the checked, atomic, history-keeping datastore; DICOMweb stays MONAI Label's."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return SafeLocalDatastore(
+            self.studies,
+            self.settings.labels,
+            int(self.settings.max_megavoxels * 1e6),
+            extensions=monailabel_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=monailabel_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=monailabel_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def model_file(self, model, validate=True):
+        """Only `PUT /model/{name}` asks without validating: weights are not uploaded over the served version
+        (MONAI Label lets an annotator do that); new weights come from gated training rounds."""
+        if not validate:
+            raise HTTPException(
+                403,
+                "model weights cannot be uploaded: versions come from training rounds (POST /train/foundation), "
+                "and an earlier one is served again with the `rollback` parameter",
+            )
+        return super().model_file(model, validate)
+
     def init_infers(self) -> dict[str, InferTask]:
         return {
             "foundation": FoundationInfer(self.service, 3, self.settings.labels),
@@ -143,14 +172,33 @@ class MedFoundationApp(MONAILabelApp):
         if model not in self._infers:
             raise HTTPException(404, f"unknown model {model!r}; available: {', '.join(sorted(self._infers))}")
         image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
-            if not (datastore or self.datastore()).get_image_uri(image):
-                raise HTTPException(404, f"unknown image {image!r}: not in the datastore")
+        if not isinstance(image, str) or not image:
+            raise HTTPException(400, "'image' must be the id of an image in the datastore")
+        if os.path.exists(image):
+            if not self._readable_path(image):
+                raise HTTPException(404, f"unknown image {image!r}: images are named by their datastore id")
+        elif not (datastore or self.datastore()).get_image_uri(image):
+            raise HTTPException(404, f"unknown image {image!r}: not in the datastore")
         return super().infer(request, datastore)
+
+    def _readable_path(self, path: str) -> bool:
+        """A file path a request may name: in the datastore, an upload MONAI Label put in the temp folder, or an
+        image of a session; no other file on the machine (an id or `params` must not read /etc or the models)."""
+        real = os.path.realpath(path)
+        roots = [self.studies] if not self.studies.startswith(("http://", "https://")) else []
+        if self._sessions is not None:
+            roots.append(self._sessions.store_path)
+        if any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots):
+            return True
+        upload = os.path.dirname(real) == os.path.realpath(tempfile.gettempdir())
+        return upload and os.path.basename(real).startswith("tmp") and os.path.isfile(real)
 
     def on_init_complete(self) -> None:
         """Server process only (not the train or scoring subprocess): leases, scoring, the retraining schedule."""
         self.server_process = True
+        from monailabel.app import app as server  # the running FastAPI app (imported by the server already)
+
+        install_hardening(server)
         self.leases.seed(self._handed_out())
         super().on_init_complete()  # starts scoring in the background (MONAI_LABEL_AUTO_UPDATE_SCORING)
         self.service.predictor.start_warm_up()

@@ -1,0 +1,1 @@
+"""The datastore side of the server: uploads checked before they are stored, stored atomically, never overwritten."""
