@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -75,6 +76,10 @@ class ServerProcess:
                 with urllib.request.urlopen(self.url + "/info/", timeout=2) as response:
                     if response.status == 200:
                         return
+            except urllib.error.HTTPError as error:
+                if error.code == 401:  # auth is on: the server answers, it just wants a token
+                    return
+                time.sleep(0.5)
             except OSError:
                 time.sleep(0.5)
         self.stop()
