@@ -6,20 +6,24 @@
    keys (its JWKS, as OpenID Connect discovery names it, else the Keycloak realm's `public_key`), accepts only
    asymmetric algorithms (a public key must never double as an HMAC secret), requires an expiry, and reads the
    user and roles from the same claims MONAI Label reads (`MONAI_LABEL_AUTH_TOKEN_*`).
-2. Errors that are the client's, not the server's: MONAI Label's endpoints parse `params` with `json.loads`
-   and raise its own not-found exceptions, both of which reach the client as a 500. They become a 400 naming
-   the bad JSON and a 404 naming what was not found.
+2. Errors that are the client's, not the server's, which MONAI Label answers with a 500 (found by
+   tests/test_api_fuzz.py): `params`/`info` that are not JSON, or JSON that is not an object; an infer request
+   with neither an image nor a file nor a session; a session upload marked `uncompress` that is no archive; its
+   own not-found exceptions. They become a 400 or 404 that
+   names the problem. Anything else stays a 500: a bug must not pass for a bad request.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from typing import Any
 
 import jwt
 import requests
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
 from monailabel.endpoints.user import auth
@@ -90,12 +94,46 @@ async def _not_found(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(status_code=404, content={"detail": str(getattr(error, "msg", "") or error)})
 
 
+# MONAI Label endpoints that index into the JSON a client sent (`params`, `info`): there a TypeError means the
+# JSON was a number, list or string instead of an object
+_JSON_OBJECT_ENDPOINTS = ("/datastore/", "/infer/", "/activelearning/", "/session/", "/scoring/", "/train/")
+
+
+async def _not_an_object(request: Request, error: Exception) -> JSONResponse:
+    if request.url.path.startswith(_JSON_OBJECT_ENDPOINTS) and "item assignment" in str(error):
+        return JSONResponse(status_code=400, content={"detail": "`params` / `info` must be a JSON object"})
+    raise error
+
+
+async def _not_an_archive(_: Request, error: Exception) -> JSONResponse:
+    return JSONResponse(status_code=400, content={"detail": f"uncompress=true needs a zip or tar archive: {error}"})
+
+
+# MONAI Label's own 500s that describe a client's mistake -> (status, message)
+_CLIENT_MISTAKES = {
+    "Neither Image nor File not Session ID input is provided": (
+        400,
+        "infer needs an image: give `image` (a datastore id), upload a `file`, or name a `session_id`",
+    ),
+}
+
+
+async def _recode(request: Request, error: Exception) -> JSONResponse:
+    if isinstance(error, HTTPException) and error.status_code == 500 and error.detail in _CLIENT_MISTAKES:
+        status, message = _CLIENT_MISTAKES[error.detail]
+        return JSONResponse(status_code=status, content={"detail": message})
+    return await http_exception_handler(request, error)
+
+
 def install(app: FastAPI) -> None:
     """Install both fixes in the running server (called once, from the app's on_init_complete)."""
     auth.from_token = verified_user  # get_current_user looks the name up at call time
     app.add_exception_handler(json.JSONDecodeError, _bad_json)
     app.add_exception_handler(ImageNotFoundException, _not_found)
     app.add_exception_handler(LabelNotFoundException, _not_found)
+    app.add_exception_handler(TypeError, _not_an_object)
+    app.add_exception_handler(HTTPException, _recode)
+    app.add_exception_handler(shutil.ReadError, _not_an_archive)  # raised only by shutil.unpack_archive
     # Starlette builds its handler stack at the first event (the lifespan startup this runs in) and keeps it;
     # dropping it makes the next request build it again, with the handlers above
     app.middleware_stack = None

@@ -185,6 +185,11 @@ class SafeLocalDatastore(LocalDatastore):
         self._keep(self.get_image_uri(image_id), "images", image_id, obj.image.ext)
         super().remove_image(image_id)  # removes its labels through remove_label, which keeps them
 
+    def get_dataset_archive(self, limit_cases: int | None) -> str:
+        if not self.datalist():
+            raise HTTPException(404, "no image has a final label yet: the dataset archive would be empty")
+        return super().get_dataset_archive(limit_cases)
+
     def _update_datastore_file(self, lock: bool = True) -> None:
         """MONAI Label rewrites its index in place; here it is replaced atomically."""
 
