@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
@@ -20,6 +21,7 @@ from monailabel.client.client import MONAILabelClientException
 
 from conftest import server_folders
 from lib.evaluation.server import ServerProcess
+from lib.model.versions import VersionStore
 
 pytestmark = pytest.mark.slow
 
@@ -197,3 +199,79 @@ def test_sigkill_during_label_saves_loses_no_acknowledged_label(sample_data, lab
             assert len(kept) >= len(acknowledged[image]) - 1, f"{image}: earlier versions were not kept"
         json.loads((studies / "datastore_v2.json").read_text())
         assert not list(studies.rglob("*.tmp")), "a dead process's temporary file was not cleaned up"
+
+
+def _kill_tree(server: ServerProcess) -> None:
+    """SIGKILL the server and its training subprocess at once, as a power cut or the OOM killer would."""
+    processes = [*server.children(), server.process]
+    for process in processes:
+        try:
+            process.kill()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    server.process.wait(timeout=30)
+
+
+def _details(client: MONAILabelClient) -> str:
+    try:
+        return "\n".join(client.train_status().get("details", []))
+    except MONAILabelClientException:  # 404 before the first round starts
+        return ""
+
+
+def _served_model_loads(model_dir: Path) -> int:
+    """The served version's number, after loading its weights the way the server does (digest checked)."""
+    base = json.loads((model_dir / "versions" / "v0000" / "meta.json").read_text())["base"]
+    store = VersionStore(model_dir, base)
+    assert not list(store.root.glob(".tmp-*")), "a half-written version survived the restart"
+    served = store.served()
+    store.load_state(served)
+    return served
+
+
+def test_sigkill_during_training_and_during_publishing_leaves_a_served_model_that_loads(
+    sample_data, tmp_path_factory, tmp_path
+):
+    studies, log = server_folders(sample_data, tmp_path_factory, "-killtrain")
+    model_dir = tmp_path_factory.mktemp("model-killtrain")
+    conf = {**_conf(sample_data, model_dir), "train_steps": "30", "train_slice_step": "8"}
+    versions = model_dir / "versions"
+
+    with ServerProcess(studies, log, conf, env=ENV) as server:
+        client = MONAILabelClient(server.url)
+        for image in ("sub-01", "sub-02"):
+            client.save_label(image, str(sample_data / "ground-truth" / f"{image}.nii.gz"), tag="final")
+        client.train_start("foundation", {})
+        deadline = time.time() + 300
+        while "epochs of" not in _details(client) and time.time() < deadline:  # the optimiser is running
+            time.sleep(0.2)
+        assert "epochs of" in _details(client) and server.children(), "no training subprocess to kill"
+        _kill_tree(server)  # 1: in the middle of training
+    assert _served_model_loads(model_dir) == 0
+
+    with ServerProcess(studies, tmp_path / "second.log", conf, env=ENV) as server:
+        client = MONAILabelClient(server.url)
+        client.train_start("foundation", {})
+        deadline, caught = time.time() + 600, None
+        while caught is None and time.time() < deadline and server.children():
+            caught = next(iter(versions.glob(".tmp-v*")), None)  # the new version being written
+            time.sleep(0.001)
+        if caught is not None:
+            _kill_tree(server)  # 2: while the new version's files are being written
+    assert caught is not None, "the round ended before its version was seen being written"
+    assert _served_model_loads(model_dir) == 0
+
+    with ServerProcess(studies, tmp_path / "third.log", conf, env=ENV) as server:
+        client = MONAILabelClient(server.url)
+        stats = client.info()["train_stats"]["foundation"]
+        assert stats["served_version"] == 0 and [v["version"] for v in stats["versions"]] == [0]
+        assert set(client.datastore()["objects"]["sub-01"]["labels"]) == {"final"}
+        _, params = client.infer("foundation_2d", "sub-01", {"foreground": [[60, 70, 40]]})
+        assert params["slice"] == 40
+        # and a round now runs to the end and is stored as version 1
+        client.train_start("foundation", {})
+        deadline = time.time() + 600
+        while len(client.info()["train_stats"]["foundation"]["versions"]) < 2 and time.time() < deadline:
+            time.sleep(2)
+        assert [v["version"] for v in client.info()["train_stats"]["foundation"]["versions"]] == [0, 1]
+    assert _served_model_loads(model_dir) in (0, 1)

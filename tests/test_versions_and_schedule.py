@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -65,6 +66,17 @@ def test_half_written_version_is_invisible_and_numbers_continue(tmp_path):
     (store.root / ".tmp-v0001-999" / "meta.json").write_text("{")
     assert store.versions() == [0]
     assert store.add(_state(), {}) == 1
+
+
+def test_a_dead_writers_temporaries_are_removed_and_a_live_ones_kept(tmp_path):
+    root = VersionStore(tmp_path, BASE).root
+    dead, live = 2**22 + 12345, os.getpid()  # above Linux's default pid_max: no such process
+    for pid in (dead, live):
+        (root / f".tmp-v0001-{pid}").mkdir()
+        (root / f".served.json.{pid}.tmp").write_text("{")
+    VersionStore(tmp_path, BASE)
+    assert not (root / f".tmp-v0001-{dead}").exists() and not (root / f".served.json.{dead}.tmp").exists()
+    assert (root / f".tmp-v0001-{live}").exists() and (root / f".served.json.{live}.tmp").exists()
 
 
 def test_version_of_another_base_model_is_refused(tmp_path):

@@ -18,45 +18,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
+from lib.atomic import copy_atomic, fsync_dir, writer_alive
 from lib.datastore.checks import UploadError, check_image_file, check_label_file, check_name, nifti_extension
 
 logger = logging.getLogger(__name__)
 
 HISTORY_DIR = ".history"
-
-
-def _fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def copy_atomic(source: str | Path, destination: str | Path) -> None:
-    """Copy `source` to `destination` so that `destination` is either its old self or the whole new file."""
-    destination = Path(destination)
-    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, destination)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(destination.parent)
 
 
 def http_error(error: UploadError) -> HTTPException:
@@ -84,7 +59,7 @@ class SafeLocalDatastore(LocalDatastore):
         removed so they do not pile up. Those of a live process (the server beside a train subprocess) stay."""
         for tmp in Path(self._datastore_path).rglob("*.tmp"):
             pid = tmp.name.rsplit(".", 2)[-2] if tmp.name.count(".") >= 2 else ""
-            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            if pid.isdigit() and not writer_alive(int(pid)):
                 logger.info("removing %s, left by process %s that died while writing it", tmp, pid)
                 tmp.unlink(missing_ok=True)
 
@@ -105,7 +80,7 @@ class SafeLocalDatastore(LocalDatastore):
             os.link(path, kept)
         except OSError:  # another file system: a copy is as good
             copy_atomic(path, kept)
-        _fsync_dir(kept.parent)
+        fsync_dir(kept.parent)
         return kept
 
     # -- writes -----------------------------------------------------------------------------------------------

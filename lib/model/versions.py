@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lib.atomic import fsync_dir, write_json_atomic, writer_alive
 from lib.model.checkpoints import CheckpointError, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -33,25 +34,6 @@ _NAME = re.compile(r"^v(\d{4,})$")
 
 class VersionError(ValueError):
     """A version that does not exist or cannot be served; the message says which and why."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class VersionStore:
@@ -67,10 +49,23 @@ class VersionStore:
         self.root = Path(model_dir) / "versions"
         self.base_version = base_version
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
         if not (self.root / "v0000" / "meta.json").exists():
             self._write(0, {"base": base_version, "published": True, "reason": "zero-shot base model"}, None)
         if not (self.root / "served.json").exists():
             write_json_atomic(self.root / "served.json", {"version": 0, "ts": time.time()})
+
+    def _remove_stale_temporaries(self) -> None:
+        """A version folder or pointer half-written by a process that died (SIGKILL, power loss) was never
+        visible; it is removed. Those of a live process (a round writing right now) are left alone."""
+        for path in [*self.root.glob(".tmp-v*-*"), *self.root.glob(".served.json.*.tmp")]:
+            pid = path.name.removesuffix(".tmp").rsplit("-" if path.is_dir() else ".", 1)[-1]
+            if pid.isdigit() and not writer_alive(int(pid)):
+                logger.info("removing %s, left by process %s that died while writing it", path.name, pid)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     @staticmethod
     def folder_name(version: int) -> str:
@@ -122,7 +117,7 @@ class VersionStore:
             meta["sha256"] = file_sha256(weights)
         write_json_atomic(tmp / "meta.json", meta)
         os.rename(tmp, final)  # atomic: the version appears whole or not at all
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return meta
 
     def add(self, state: Mapping[str, Any], meta: dict[str, Any]) -> int:
