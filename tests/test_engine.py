@@ -1,5 +1,6 @@
 """The engine on real sample anatomy with the real LiteMedSAM weights (no server)."""
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -9,7 +10,7 @@ from lib.engine.interactive import propagate, segment_2d
 from lib.engine.predictor import SlicePredictor
 from lib.engine.preprocessing import IntensityConfig, intensity_bounds, to_uint8
 from lib.engine.prompts import Prompt
-from lib.engine.volumes import ImageReadError, VolumeStore
+from lib.engine.volumes import ImageReadError, ImageTooLarge, VolumeStore
 from lib.evaluation.ground_truth import box_on_slice, dice, middle_slice, roi_3d
 
 
@@ -69,6 +70,13 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
         VolumeStore(IntensityConfig()).get(bad)
     with pytest.raises(ImageReadError, match="not found"):
         VolumeStore(IntensityConfig()).get(tmp_path / "absent.nii.gz")
+
+
+def test_an_image_over_the_size_limit_is_refused_before_its_data_is_read(sample_data):
+    image = sample_data / "studies" / "sub-01.nii.gz"  # 5.1 million voxels
+    with pytest.raises(ImageTooLarge, match="has 5 million voxels.*limit is 4 million"):
+        VolumeStore(IntensityConfig(), max_voxels=4_000_000).get(image)
+    assert VolumeStore(IntensityConfig(), max_voxels=6_000_000).get(image).shape == nib.load(image).shape
 
 
 def test_concurrent_clicks_on_one_new_slice_encode_it_once(engine):

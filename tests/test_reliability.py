@@ -34,7 +34,7 @@ def _conf(sample_data: Path, model_dir: Path) -> dict[str, str]:
         "model_dir": str(model_dir),
         "train_every_labels": "0",
         "train_interval_minutes": "0",
-        "max_megavoxels": "64",  # the sample volumes have 5.6 million voxels
+        "max_megavoxels": "64",  # the sample volumes have 5.1 million voxels
     }
 
 
@@ -124,6 +124,28 @@ def test_ids_tags_and_paths_cannot_leave_the_datastore(guarded, sample_data, tmp
         with pytest.raises(MONAILabelClientException) as error:
             client.infer("foundation_2d", image, {"foreground": [[10, 10, 10]], **params})
         assert "Status: 404;" in error.value.msg and "datastore id" in error.value.msg
+
+
+def test_an_absurdly_large_image_in_the_datastore_is_a_413_not_an_out_of_memory(guarded):
+    """A 79-million-voxel volume (80 kB of gzip) dropped into the studies folder: refused from its header."""
+    studies = Path(guarded.studies)
+    header = nib.Nifti1Header()
+    header.set_data_shape((512, 512, 300))
+    header.set_data_dtype(np.int16)
+    with gzip.open(studies / "huge.nii.gz", "wb") as out:
+        out.write(header.binaryblock + bytes(4))
+        for _ in range(300):
+            out.write(bytes(512 * 512 * 2))
+    client = MONAILabelClient(guarded.url)
+    deadline = time.time() + 30  # the datastore notices new files by watching the folder
+    while "huge" not in client.datastore()["objects"] and time.time() < deadline:
+        time.sleep(0.5)
+    try:
+        with pytest.raises(MONAILabelClientException) as error:
+            client.infer("foundation_2d", "huge", {"foreground": [[10, 10, 10]]})
+        assert "Status: 413;" in error.value.msg and "79 million voxels" in error.value.msg
+    finally:
+        (studies / "huge.nii.gz").unlink()
 
 
 def test_model_weights_cannot_be_uploaded_over_the_served_version(guarded, tmp_path):

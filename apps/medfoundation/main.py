@@ -66,6 +66,7 @@ class MedFoundationApp(MONAILabelApp):
             model,
             ServiceConfig(
                 cache_bytes=self.settings.cache_mb << 20,
+                max_voxels=int(self.settings.max_megavoxels * 1e6),
                 intensity=IntensityConfig(self.settings.modality, self.settings.ct_window),
                 propagation=PropagationConfig(
                     margin=self.settings.propagation_margin,

@@ -20,7 +20,7 @@ from lib.engine.interactive import PropagationConfig, VolumeResult, propagate, s
 from lib.engine.predictor import SlicePredictor
 from lib.engine.preprocessing import IntensityConfig
 from lib.engine.prompts import Prompt
-from lib.engine.volumes import VolumeStore
+from lib.engine.volumes import DEFAULT_MAX_VOXELS, VolumeStore
 from lib.model.registry import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class ServiceConfig:
     propagation: PropagationConfig = PropagationConfig()
     prefetch_slices: int = 48
     volumes_in_memory: int = 4
+    max_voxels: int = DEFAULT_MAX_VOXELS  # larger images are refused before their data is read
     encoder_bf16: bool = False
     encoder_runtime: str = "torch"  # torch | openvino | auto (lib.model.runtime)
     encoder_ir_dir: str | None = None  # where OpenVINO exports of the encoder are kept
@@ -47,7 +48,7 @@ class SegmentationService:
     def __init__(self, model: LoadedModel, config: ServiceConfig = ServiceConfig(), device: str = "cpu") -> None:
         self.config = config
         self.cache = EmbeddingCache(config.cache_bytes)
-        self.volumes = VolumeStore(config.intensity, capacity=config.volumes_in_memory)
+        self.volumes = VolumeStore(config.intensity, capacity=config.volumes_in_memory, max_voxels=config.max_voxels)
         self.predictor = SlicePredictor(
             model,
             self.cache,

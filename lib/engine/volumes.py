@@ -22,6 +22,13 @@ class ImageReadError(ValueError):
     """The image file is missing, unreadable or not a 2D/3D image."""
 
 
+class ImageTooLarge(ImageReadError):
+    """The image has more voxels than the configured limit (its data is never read)."""
+
+
+DEFAULT_MAX_VOXELS = 512_000_000
+
+
 @dataclass
 class PreparedVolume:
     """A volume ready for the model.
@@ -73,9 +80,10 @@ def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
 class VolumeStore:
     """LRU of prepared volumes keyed by file identity (path, size, mtime) and intensity settings."""
 
-    def __init__(self, intensity: IntensityConfig, capacity: int = 4) -> None:
+    def __init__(self, intensity: IntensityConfig, capacity: int = 4, max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
         self.intensity = intensity
         self.capacity = capacity
+        self.max_voxels = max_voxels
         self._items: OrderedDict[str, PreparedVolume] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -83,6 +91,18 @@ class VolumeStore:
         stat = os.stat(path)
         raw = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{self.intensity.key}"
         return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+    def _check_size(self, path: str) -> None:
+        try:
+            shape = nib.load(path).shape
+        except Exception as error:  # noqa: BLE001 - nibabel raises many types for a file that is not NIfTI
+            raise ImageReadError(f"cannot read image {os.path.basename(path)}: {error}") from error
+        voxels = int(np.prod(shape, dtype=np.int64))
+        if voxels > self.max_voxels:
+            raise ImageTooLarge(
+                f"image {os.path.basename(path)} has {voxels / 1e6:.0f} million voxels (shape {tuple(shape)}); this "
+                f"server's limit is {self.max_voxels / 1e6:.0f} million (--conf max_megavoxels)"
+            )
 
     def get(self, path: str | Path) -> PreparedVolume:
         path = str(path)
@@ -93,6 +113,8 @@ class VolumeStore:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
+        if path.endswith((".nii", ".nii.gz")):  # the header says how big it is before anything is inflated
+            self._check_size(path)
         try:
             array, affine = _read(path)
         except ImageReadError:

@@ -12,7 +12,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.engine.interactive import VolumeResult
 from lib.engine.prompts import PromptError
 from lib.engine.service import SegmentationService
-from lib.engine.volumes import ImageReadError
+from lib.engine.volumes import ImageReadError, ImageTooLarge
 from lib.infers.writer import write_label
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,9 @@ class FoundationInfer(InferTask):
 
 
 def image_error(error: ImageReadError) -> HTTPException:
-    """404 for a missing image, 422 for one that cannot be read."""
+    """404 for a missing image, 413 for one over the size limit, 422 for one that cannot be read."""
+    if isinstance(error, ImageTooLarge):
+        return HTTPException(status_code=413, detail=str(error))
     return HTTPException(status_code=404 if "not found" in str(error) else 422, detail=str(error))
 
 
