@@ -67,7 +67,10 @@ class AppSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
     cache_mb: int = 1024  # embedding cache budget, shared by all users
-    max_megavoxels: float = 512.0  # uploaded images and labels with more voxels (millions) are refused (413)
+    volume_cache_mb: int = 512  # prepared (uint8) volumes kept in memory, so each annotator's stays loaded
+    max_megavoxels: float = 512.0  # images and labels with more voxels (millions) are refused (413)
+    # training and scoring subprocesses run at this lower CPU priority (0-19), so clicks keep their speed
+    background_nice: int = 10
     modality: str = "auto"  # auto | CT | MR
     ct_window: tuple[float, float] = (40.0, 400.0)  # level, width (HU)
     prefetch_slices: int = 48  # slices pre-encoded when an image is handed out (0: off)
@@ -114,6 +117,8 @@ class AppSettings:
                 "propagation_margin",
                 "train_every_labels",
                 "train_encoder_lora",
+                "volume_cache_mb",
+                "background_nice",
             ):
                 values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
             elif key in ("train_steps", "train_slice_step", "score_slices"):
@@ -139,6 +144,8 @@ class AppSettings:
         settings = cls(**values)
         if settings.modality.upper() not in ("AUTO", "CT", "MR"):
             raise ConfError(f"--conf modality {settings.modality!r}: expected auto, CT or MR")
+        if settings.background_nice > 19:
+            raise ConfError(f"--conf background_nice {settings.background_nice}: must be 0..19")
         if settings.encoder_runtime not in RUNTIMES:
             raise ConfError(f"--conf encoder_runtime {settings.encoder_runtime!r}: expected {', '.join(RUNTIMES)}")
         if settings.tracking.lower() not in ("none", "mlflow"):

@@ -51,9 +51,17 @@ logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
+def is_background_task() -> bool:
+    """True in the subprocess MONAI Label starts for a training round or a scoring run
+    (`python -m monailabel.interfaces.utils.app -m train|scoring ...`), False in the server."""
+    return sys.argv[0].endswith(os.path.join("monailabel", "interfaces", "utils", "app.py"))
+
+
 class MedFoundationApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.settings = AppSettings.from_conf(conf or {})
+        if is_background_task():  # a training round or scoring run: leave the CPU to the annotators' clicks
+            os.nice(self.settings.background_nice)
         device = self.settings.torch_device()
         self.model_dir = Path(self.settings.model_dir or Path(app_dir) / "model")
         self.base_model = build_model(self.settings.model, self.settings.checkpoint, self.model_dir, device)
@@ -67,6 +75,7 @@ class MedFoundationApp(MONAILabelApp):
             ServiceConfig(
                 cache_bytes=self.settings.cache_mb << 20,
                 max_voxels=int(self.settings.max_megavoxels * 1e6),
+                volume_bytes=self.settings.volume_cache_mb << 20,
                 intensity=IntensityConfig(self.settings.modality, self.settings.ct_window),
                 propagation=PropagationConfig(
                     margin=self.settings.propagation_margin,

@@ -105,10 +105,16 @@ class SlicePredictor:
         """Compile the decoder and prepare the encoder runtime in the background, now and for every model
         served later (server process only)."""
         self._warm_up = True
-        decode = self._serving[1]
-        if isinstance(decode, CompiledDecoder):
-            decode.warm_up_in_background()
-        threading.Thread(target=self.encoder, name="prepare-encoder", daemon=True).start()
+
+        def prepare() -> None:
+            # one after the other: compiling the decoder while the encoder is being exported to OpenVINO left
+            # the compile unfinished, silently, in every server started so far (the decoder stayed eager)
+            self.encoder()
+            decode = self._serving[1]
+            if isinstance(decode, CompiledDecoder):
+                decode.warm_up()
+
+        threading.Thread(target=prepare, name="warm-up", daemon=True).start()
 
     def encoder(self, wait: bool = True) -> EncoderRuntime:
         """The runtime for the served encoder version, built on first use (an OpenVINO export takes ~10 s).

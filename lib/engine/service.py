@@ -32,7 +32,8 @@ class ServiceConfig:
     intensity: IntensityConfig = IntensityConfig()
     propagation: PropagationConfig = PropagationConfig()
     prefetch_slices: int = 48
-    volumes_in_memory: int = 4
+    volumes_in_memory: int = 64  # prepared (uint8) volumes kept, within volume_bytes
+    volume_bytes: int = 512 << 20
     max_voxels: int = DEFAULT_MAX_VOXELS  # larger images are refused before their data is read
     encoder_bf16: bool = False
     encoder_runtime: str = "torch"  # torch | openvino | auto (lib.model.runtime)
@@ -48,7 +49,9 @@ class SegmentationService:
     def __init__(self, model: LoadedModel, config: ServiceConfig = ServiceConfig(), device: str = "cpu") -> None:
         self.config = config
         self.cache = EmbeddingCache(config.cache_bytes)
-        self.volumes = VolumeStore(config.intensity, capacity=config.volumes_in_memory, max_voxels=config.max_voxels)
+        self.volumes = VolumeStore(
+            config.intensity, config.volumes_in_memory, config.max_voxels, max_bytes=config.volume_bytes
+        )
         self.predictor = SlicePredictor(
             model,
             self.cache,

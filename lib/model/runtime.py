@@ -41,7 +41,12 @@ class EncoderRuntime(Protocol):
 
 
 class TorchEncoder:
-    """The encoder module itself, under autocast to `dtype` when one is given (bf16 on CPU, bf16/fp16 on GPU)."""
+    """The encoder module itself, under autocast to `dtype` when one is given (bf16 on CPU, bf16/fp16 on GPU).
+
+    One call at a time in a process (as OpenVinoEncoder): parallel encodes only split the same cores.
+    """
+
+    _lock = threading.Lock()  # shared: the server makes a stand-in TorchEncoder while an export is being built
 
     def __init__(self, encoder: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
         self.encoder = encoder
@@ -51,7 +56,10 @@ class TorchEncoder:
 
     @torch.no_grad()
     def __call__(self, normalized: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with (
+            self._lock,
+            torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None),
+        ):
             return self.encoder(normalized.to(self.device)).float()
 
 
@@ -128,7 +136,12 @@ class OpenVinoEncoder:
         self._compiled = core.compile_model(model, "CPU", config)
         del model
         release_freed_memory()  # an export leaves ~1 GB of freed tracing memory that malloc would otherwise keep
-        self._local = threading.local()  # an infer request is not thread-safe: one per thread
+        # one infer request, one slice at a time: concurrent encodes on the same cores are no faster in total,
+        # each extra request holds its own buffers (8 annotators: server RSS 3.4 GB), and a click's decoder
+        # gets the CPU while at most one slice is being encoded; the lock is per slice, so a click's slice
+        # slips in between the slices of a background pre-encoding batch
+        self._request = self._compiled.create_infer_request()
+        self._lock = threading.Lock()
         self.name = f"openvino-{precision}"
         logger.info("image encoder on OpenVINO (%s) ready in %.1f s", precision, time.perf_counter() - begin)
 
@@ -157,11 +170,11 @@ class OpenVinoEncoder:
         return model
 
     def __call__(self, normalized: torch.Tensor) -> torch.Tensor:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
         pixels = normalized.detach().to("cpu", torch.float32).contiguous().numpy()
-        slices = [request.infer({0: pixels[i : i + 1]})[0].copy() for i in range(len(pixels))]
+        slices = []
+        for i in range(len(pixels)):
+            with self._lock:
+                slices.append(self._request.infer({0: pixels[i : i + 1]})[0].copy())
         return torch.from_numpy(np.concatenate(slices))
 
 
