@@ -10,7 +10,7 @@ STUDIES ?= $(DATA)/studies
 CONF ?= --conf labels $(DATA)/labels.json
 PYTEST_ARGS ?=
 
-.PHONY: venv data run test bench bench-learning bench-active lint clean
+.PHONY: venv data run test bench bench-learning bench-active bench-load lint clean
 
 venv: $(VENV)/.installed
 
@@ -53,6 +53,10 @@ bench-learning: venv data
 # active learning: uncertain / diverse / random (3 seeds) picking from 12 volumes, 4 held out (~2.5 h on 2 cores)
 bench-active: venv data
 	$(PY) -m lib.evaluation.bench_active --data $(DATA) --out bench-results/active
+
+# under load: 8 annotators click on 8 images, quietly and while a training round and a scoring run go (~5 min)
+bench-load: venv data
+	$(PY) -m lib.evaluation.bench_load --data $(DATA) --out bench-results $(if $(QUICK),--quick,)
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
