@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from fastapi import HTTPException
@@ -53,6 +54,18 @@ class SafeLocalDatastore(LocalDatastore):
         self.max_voxels = int(max_voxels)
         super().__init__(studies, **kwargs)
         self._remove_stale_temporaries()
+        handler = getattr(self, "_handler", None)  # the folder watcher (auto_reload)
+        if handler is not None:
+            handler.on_moved = self._on_moved
+
+    def _on_moved(self, event: Any) -> None:
+        """An atomic write arrives as a rename (tmp -> name), which MONAI Label's watcher ignores: the index
+        rewritten by the scoring subprocess would never be reloaded by the server, so handle it as a change."""
+        destination = os.fsdecode(event.dest_path)
+        if destination == self._datastore_config_path:
+            self._on_modify_event(SimpleNamespace(src_path=destination))
+        else:
+            self._on_any_event(event)
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of a process that died mid-write (SIGKILL, power loss): never part of the datastore,
