@@ -7,13 +7,16 @@ writer left behind can be told from what a live one is writing, and removed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -25,12 +28,14 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+def replace_atomic(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Let `write` fill a temporary beside `path`, flush it to disk and rename it over `path`: a crash leaves
+    either the old file or the whole new one, never half of either."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        with open(tmp, "wb" if binary else "w") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -39,19 +44,18 @@ def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     fsync_dir(path.parent)
 
 
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    def write(handle: IO) -> None:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+    replace_atomic(path, write)
+
+
 def copy_atomic(source: str | Path, destination: str | Path) -> None:
     """Copy `source` to `destination` so that `destination` is either its old self or the whole new file."""
-    destination = Path(destination)
-    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, destination)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(destination.parent)
+    with open(source, "rb") as src:
+        replace_atomic(destination, lambda dst: shutil.copyfileobj(src, dst, 1 << 20), binary=True)
 
 
 def writer_alive(pid: int) -> bool:
@@ -60,3 +64,29 @@ def writer_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def temporary_writer(path: Path) -> int | None:
+    """The PID in a temporary's name (`.<name>.<pid>.tmp` file, `.tmp-<name>-<pid>` folder); None otherwise."""
+    name = path.name
+    if name.endswith(".tmp"):
+        pid = name.removesuffix(".tmp").rsplit(".", 1)[-1]
+    elif name.startswith(".tmp-"):
+        pid = name.rsplit("-", 1)[-1]
+    else:
+        return None
+    return int(pid) if pid.isdigit() else None
+
+
+def remove_stale_temporaries(paths: Iterable[Path]) -> None:
+    """Remove the temporaries among `paths` whose writer died (SIGKILL, power loss) before renaming them into
+    place: they were never visible. A live writer's (a server beside its train subprocess) are left alone."""
+    for path in paths:
+        pid = temporary_writer(path)
+        if pid is None or writer_alive(pid):
+            continue
+        logger.info("removing %s, left by process %d that died while writing it", path, pid)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from lib.atomic import copy_atomic, fsync_dir, writer_alive
+from lib.atomic import copy_atomic, fsync_dir, remove_stale_temporaries, replace_atomic
 from lib.datastore.checks import UploadError, check_image_file, check_label_file, check_name, nifti_extension
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class SafeLocalDatastore(LocalDatastore):
         self.label_names = dict(label_names)
         self.max_voxels = int(max_voxels)
         super().__init__(studies, **kwargs)
-        self._remove_stale_temporaries()
+        # temporaries of a writer killed mid-write are never part of the datastore
+        remove_stale_temporaries(Path(self._datastore_path).rglob("*.tmp"))
         handler = getattr(self, "_handler", None)  # the folder watcher (auto_reload)
         if handler is not None:
             handler.on_moved = self._on_moved
@@ -66,15 +67,6 @@ class SafeLocalDatastore(LocalDatastore):
             self._on_modify_event(SimpleNamespace(src_path=destination))
         else:
             self._on_any_event(event)
-
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files of a process that died mid-write (SIGKILL, power loss): never part of the datastore,
-        removed so they do not pile up. Those of a live process (the server beside a train subprocess) stay."""
-        for tmp in Path(self._datastore_path).rglob("*.tmp"):
-            pid = tmp.name.rsplit(".", 2)[-2] if tmp.name.count(".") >= 2 else ""
-            if pid.isdigit() and not writer_alive(int(pid)):
-                logger.info("removing %s, left by process %s that died while writing it", tmp, pid)
-                tmp.unlink(missing_ok=True)
 
     # -- where files live -------------------------------------------------------------------------------------
 
@@ -184,15 +176,7 @@ class SafeLocalDatastore(LocalDatastore):
         def write() -> None:
             self._ignore_event_config = True
             payload = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-            tmp = Path(f"{self._datastore_config_path}.{os.getpid()}.tmp")
-            try:
-                with open(tmp, "w") as handle:
-                    handle.write(payload)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self._datastore_config_path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            replace_atomic(self._datastore_config_path, lambda handle: handle.write(payload))
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
         if lock:

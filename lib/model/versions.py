@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lib.atomic import fsync_dir, write_json_atomic, writer_alive
+from lib.atomic import fsync_dir, remove_stale_temporaries, write_json_atomic
 from lib.model.checkpoints import CheckpointError, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -49,23 +49,12 @@ class VersionStore:
         self.root = Path(model_dir) / "versions"
         self.base_version = base_version
         self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temporaries()
+        # a version folder or pointer half-written by a writer that died was never visible
+        remove_stale_temporaries([*self.root.glob(".tmp-v*-*"), *self.root.glob(".served.json.*.tmp")])
         if not (self.root / "v0000" / "meta.json").exists():
             self._write(0, {"base": base_version, "published": True, "reason": "zero-shot base model"}, None)
         if not (self.root / "served.json").exists():
             write_json_atomic(self.root / "served.json", {"version": 0, "ts": time.time()})
-
-    def _remove_stale_temporaries(self) -> None:
-        """A version folder or pointer half-written by a process that died (SIGKILL, power loss) was never
-        visible; it is removed. Those of a live process (a round writing right now) are left alone."""
-        for path in [*self.root.glob(".tmp-v*-*"), *self.root.glob(".served.json.*.tmp")]:
-            pid = path.name.removesuffix(".tmp").rsplit("-" if path.is_dir() else ".", 1)[-1]
-            if pid.isdigit() and not writer_alive(int(pid)):
-                logger.info("removing %s, left by process %s that died while writing it", path.name, pid)
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
 
     @staticmethod
     def folder_name(version: int) -> str:
