@@ -33,7 +33,7 @@ import psutil
 import requests
 from monailabel.client import MONAILabelClient
 
-from lib.evaluation.bench_serving import wait_for_compiled_decoder
+from lib.evaluation.bench_serving import PeakMemory, wait_for_compiled_decoder
 from lib.evaluation.ground_truth import centre_click, middle_slice
 from lib.evaluation.server import ServerProcess
 
@@ -74,35 +74,6 @@ def click_plan(truth: np.ndarray, labels: dict[str, int], config: LoadConfig, rn
             points.append([int(x), int(y), z])
             plan.append({"foreground": list(points), "background": []})
     return plan
-
-
-class MemorySampler:
-    """Peak resident memory of the server process alone and of its subprocesses (train, scoring), every 0.2 s."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.server_peak = 0
-        self.children_peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.server_peak = max(self.server_peak, self.process.memory_info().rss)
-                children = sum(c.memory_info().rss for c in self.process.children(recursive=True))
-                self.children_peak = max(self.children_peak, children)
-            except psutil.Error:
-                pass
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run_annotators(
@@ -219,7 +190,7 @@ def run(data: Path, out: Path, config: LoadConfig) -> dict[str, Any]:
         wait_for_compiled_decoder(log)
         time.sleep(5)  # the background warm-up (encoder export) settles
         results["server_rss_idle_mb"] = round(psutil.Process(server.pid).memory_info().rss / 2**20)
-        with MemorySampler(server.pid) as memory:
+        with PeakMemory(server.pid) as memory:
             logger.info("quiet phase: %d annotators, nothing else running", config.annotators)
             quiet, quiet_errors = run_annotators(server.url, plans, config, "quiet", tmpdir)
             results["quiet"] = {"latency": latency_summary(quiet), "failed": quiet_errors}
@@ -228,7 +199,7 @@ def run(data: Path, out: Path, config: LoadConfig) -> dict[str, Any]:
         loaded_config = LoadConfig(**{**asdict(config), "seed": config.seed + 1})
         loaded_plans = plans_for(data, annotated, loaded_config)
         start_background_work(server.url, {image: data / "ground-truth" / f"{image}.nii.gz" for image in labelled})
-        with MemorySampler(server.pid) as memory:
+        with PeakMemory(server.pid) as memory:
             logger.info("loaded phase: %d annotators while a training round and a scoring run go", config.annotators)
             loaded, loaded_errors = run_annotators(server.url, loaded_plans, loaded_config, "loaded", tmpdir)
             still_running = {kind: task_running(server.url, kind) for kind in ("train", "scoring")}

@@ -36,19 +36,23 @@ MONAILABEL_SAM2 = {"sam_2d_seconds_per_click": "2.0-3.7", "sam_3d_seconds_32_sli
 
 
 class PeakMemory:
-    """Samples the resident memory of a process and its children every 0.2 s; `.peak` in bytes."""
+    """Samples the resident memory of a process and its children every 0.2 s, in bytes: `.peak` of both
+    together, `.server_peak` of the process alone, `.children_peak` of its children (train, scoring) alone."""
 
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
-        self.peak = 0
+        self.peak = self.server_peak = self.children_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                rss = self.process.memory_info().rss + sum(c.memory_info().rss for c in self.process.children(True))
-                self.peak = max(self.peak, rss)
+                server = self.process.memory_info().rss
+                children = sum(c.memory_info().rss for c in self.process.children(True))
+                self.peak = max(self.peak, server + children)
+                self.server_peak = max(self.server_peak, server)
+                self.children_peak = max(self.children_peak, children)
             except psutil.Error:
                 pass
             self._stop.wait(0.2)
