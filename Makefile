@@ -41,10 +41,23 @@ test: venv
 	$(PY) -m ruff check .
 	$(PY) -m pytest -v $(PYTEST_ARGS)
 
+# `make bench QUICK=1` (under 10 min on 2 cores): serving, interactive on one study and four structures,
+# a one-minute baseline; its report carries the learning curves of the last full run, dated, if any.
+# Full `make bench`: all of it, including bench-learning and bench-active (about 4 h on 2 cores).
+# Both end with bench-results/results.json and report.md.
 bench: venv data
 	$(PY) -m lib.evaluation.bench_serving --data $(DATA) --out bench-results $(if $(QUICK),--quick,)
-	$(PY) -m lib.evaluation.bench_speed --data $(DATA) --out bench-results $(if $(QUICK),--quick,) \
+	$(PY) -m lib.evaluation.bench_interactive --data $(DATA) --out bench-results $(if $(QUICK),--quick,)
+ifdef QUICK
+	$(PY) -m lib.evaluation.bench_baseline --data $(DATA) --out bench-results/baseline --quick
+else
+	$(PY) -m lib.evaluation.bench_baseline --data $(DATA) --out bench-results/baseline --minutes 9
+	$(PY) -m lib.evaluation.bench_speed --data $(DATA) --out bench-results \
 		$(if $(wildcard bench-results/active/run-*/uncertain-0),--version-dir $(lastword $(sort $(wildcard bench-results/active/run-*/uncertain-0))),)
+	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning
+	$(PY) -m lib.evaluation.bench_active --data $(DATA) --out bench-results/active
+endif
+	$(PY) -m lib.evaluation.bench_report --out bench-results
 
 # continual learning: rounds after 2, 4, 8 labelled volumes, scored on 4 held-out ones (~40 min on 2 cores)
 bench-learning: venv data

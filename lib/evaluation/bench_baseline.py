@@ -29,6 +29,21 @@ from lib.evaluation.server import ServerProcess
 RADIOLOGY = Path(sys.prefix) / "monailabel" / "sample-apps" / "radiology"
 
 
+def report(results: dict) -> str:
+    """The baseline's section of the benchmark report."""
+    lines = [
+        f"## Baseline: MONAI Label's radiology `segmentation`, from scratch ({results['date']})",
+        "",
+        f"Trained through MONAI Label on {', '.join(results['train'])} for {results['train_seconds']:.0f} s, "
+        f"scored on {', '.join(results['held_out'])}: mean 3D Dice **{results['dice_mean']:.3f}** over "
+        f"{len(results['dice'])} structures, {results['infer_seconds_per_volume']} s a volume to infer.",
+        "MONAI Label's click model, DeepEdit, is not run: with `use_pretrained_model` its weights are",
+        "downloaded at start (offline here), and trained from scratch it would get the same minutes as this",
+        "`segmentation`, which scores the Dice above.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("sample-data/build"))
@@ -36,7 +51,10 @@ def main() -> None:
     parser.add_argument("--labelled", type=int, default=8)
     parser.add_argument("--held-out", default="sub-09,sub-10,sub-11,sub-12")
     parser.add_argument("--minutes", type=float, default=10.0, help="training wall time before it is stopped")
+    parser.add_argument("--quick", action="store_true", help="2 labelled volumes, 1 minute, 1 held-out volume")
     args = parser.parse_args()
+    if args.quick:
+        args.labelled, args.held_out, args.minutes = 2, "sub-09", 1.0
     labels = json.loads((args.data / "labels.json").read_text())
     if list(labels.values()) != list(range(1, len(labels) + 1)):
         raise SystemExit("the radiology app numbers labels 1..n in the order given; labels.json must too")
@@ -88,7 +106,7 @@ def main() -> None:
     result["dice_mean"] = round(float(np.mean(list(result["dice"].values()))), 4)
     result["infer_seconds_per_volume"] = round(float(np.mean(infer_seconds)), 1)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(report(result))
 
 
 if __name__ == "__main__":

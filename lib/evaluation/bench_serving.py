@@ -3,7 +3,7 @@
     python -m lib.evaluation.bench_serving --data sample-data/build --out bench-results [--quick]
 
 Starts `monailabel start_server --app apps/medfoundation` on the sample studies, drives it with
-`monailabel.client.MONAILabelClient` (the Slicer module's client), and writes `results.json` and `report.md`.
+`monailabel.client.MONAILabelClient` (the Slicer module's client), and writes `serving.json` and `serving.md`.
 Prompts follow the CVPR 2025 interactive 3D challenge: a 2D box on the structure's middle slice, plus its
 z-range for 3D; a click is the most interior pixel of the middle slice's cross-section.
 """
@@ -234,8 +234,8 @@ def main() -> None:
         args.subjects, args.repeats = 1, 10
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args.data, args.out, args.subjects, args.repeats)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "report.md").write_text(report(results))
+    (args.out / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "serving.md").write_text(report(results))
     print(report(results))
 
 
