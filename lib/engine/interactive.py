@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from lib.engine.corrections import apply_clicks, click_boxes, grow_box
 from lib.engine.predictor import SlicePrediction, SlicePredictor
 from lib.engine.preprocessing import Window
 from lib.engine.prompts import Prompt
@@ -38,6 +39,7 @@ class PropagationConfig:
     first_context: like `context`, for the prompted slice only (the rest of the walk uses `context`).
     keep_connected: drop regions of a slice's mask that do not touch the previous slice's mask (stray blobs
         would otherwise widen the next box and the drift compounds).
+    click_corrections: edit each slice's mask to agree with the clicks on it (lib.engine.corrections).
     """
 
     margin: int = 3
@@ -49,6 +51,7 @@ class PropagationConfig:
     context: float = 0.0
     keep_connected: bool = True
     first_context: float = 0.0
+    click_corrections: bool = True
 
 
 @dataclass
@@ -67,33 +70,6 @@ def bounding_box(mask: np.ndarray) -> np.ndarray | None:
     if len(xs) == 0:
         return None
     return np.asarray([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int64)
-
-
-def _grow(box: np.ndarray, margin: int, width: int, height: int) -> np.ndarray:
-    return np.asarray(
-        [
-            max(0, box[0] - margin),
-            max(0, box[1] - margin),
-            min(width - 1, box[2] + margin),
-            min(height - 1, box[3] + margin),
-        ],
-        dtype=np.int64,
-    )
-
-
-# Half-sides of the candidate boxes tried around a click, as fractions of the slice's longest side.
-CLICK_BOX_FRACTIONS = (0.03, 0.05, 0.08, 0.12)
-
-
-def click_boxes(points: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(K, 4) candidate boxes of growing size around the foreground clicks' bounding box."""
-    x0, y0 = points.min(axis=0)
-    x1, y1 = points.max(axis=0)
-    boxes = []
-    for fraction in CLICK_BOX_FRACTIONS:
-        half = max(2, round(fraction * max(width, height)))
-        boxes.append(_grow(np.asarray([x0, y0, x1, y1]), half, width, height))
-    return np.stack(boxes)
 
 
 def _respects_clicks(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> bool:
@@ -122,34 +98,82 @@ def keep_connected(mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.isin(regions, touching)
 
 
+def decoder_points(
+    predictor: SlicePredictor, points: np.ndarray, labels: np.ndarray, corrections: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The clicks the decoder itself is given: all of them, unless the model is box-trained and the clicks
+    are applied as edits anyway (then none: the mask under a given box stays put and each click edits it)."""
+    if corrections and not predictor.model.spec.point_prompts:
+        return points[:0], labels[:0]
+    return points, labels
+
+
 def segment_slice(
-    predictor: SlicePredictor, volume: PreparedVolume, prompt: Prompt, z: int, context: float = 0.0
+    predictor: SlicePredictor,
+    volume: PreparedVolume,
+    prompt: Prompt,
+    z: int,
+    context: float = 0.0,
+    corrections: bool = True,
 ) -> SlicePrediction:
     """Segment slice z from the roi's in-plane box and the clicks on that slice.
 
+    corrections: the clicks then edit the mask until it agrees with every one (lib.engine.corrections).
+    """
+    decoded = decode_slice(predictor, volume, prompt, z, context, corrections)
+    if not corrections:
+        return decoded
+    return apply_clicks(predictor, volume, z, decoded, *prompt.points_on(z))
+
+
+def decode_slice(
+    predictor: SlicePredictor,
+    volume: PreparedVolume,
+    prompt: Prompt,
+    z: int,
+    context: float = 0.0,
+    corrections: bool = True,
+) -> SlicePrediction:
+    """The model's own mask of slice z, before any click edits it.
+
     Box-trained models (LiteMedSAM) ignore clicks without a box, so clicks alone are turned into candidate
-    boxes of a few sizes around them, decoded in one batch; the candidate whose mask agrees with every click
-    and has the highest predicted IoU wins.
+    boxes of a few sizes around them, decoded in one batch; the candidate whose mask agrees with the clicks
+    and has the highest predicted IoU wins. With corrections to follow and a box-trained model, only the
+    first foreground click seeds the candidates, so that each later click edits the mask rather than
+    swapping it for another candidate.
     """
     points, labels = prompt.points_on(z)
     box = prompt.box_2d()
+    given_points, given_labels = decoder_points(predictor, points, labels, corrections)
     if box is not None or not np.any(labels == 1):
-        return predictor.predict(volume, z, points, labels, box, window=focus(box, volume, context))
-    width, height, _ = volume.shape
-    candidates = predictor.predict_batch(volume, z, points, labels, click_boxes(points[labels == 1], width, height))
-    agreeing = [c for c in candidates if _respects_clicks(c.mask, points, labels)] or candidates
-    return max(agreeing, key=lambda c: c.iou)
+        best = predictor.predict(volume, z, given_points, given_labels, box, window=focus(box, volume, context))
+    else:
+        if len(given_points) < len(points):  # box-trained, with corrections: the first click seeds
+            given_points, given_labels = points[labels == 1][:1], labels[labels == 1][:1]
+        width, height, _ = volume.shape
+        boxes = click_boxes(given_points[given_labels == 1], width, height)
+        candidates = predictor.predict_batch(volume, z, given_points, given_labels, boxes)
+        agreeing = [c for c in candidates if _respects_clicks(c.mask, given_points, given_labels)] or candidates
+        best = max(agreeing, key=lambda c: c.iou)
+    return best
 
 
-def segment_2d(predictor: SlicePredictor, volume: PreparedVolume, prompt: Prompt, context: float = 0.0) -> VolumeResult:
+def segment_2d(
+    predictor: SlicePredictor,
+    volume: PreparedVolume,
+    prompt: Prompt,
+    context: float = 0.0,
+    corrections: bool = True,
+) -> VolumeResult:
     """Segment the prompted slice; the result is a full-size volume with only that slice set.
 
     context: >0 segments a box prompt in a focus window this many times the box (see PropagationConfig).
+    corrections: edit the mask to agree with every click (lib.engine.corrections).
     """
     begin = time.perf_counter()
     z = prompt.start_slice()
     was_encoded = predictor.is_encoded(volume, z, focus(prompt.box_2d(), volume, context))
-    prediction = segment_slice(predictor, volume, prompt, z, context)
+    prediction = segment_slice(predictor, volume, prompt, z, context, corrections)
     mask = np.zeros(volume.shape, dtype=bool, order="F")  # F order: NIfTI/NRRD write it in one copy
     mask[:, :, z] = prediction.mask.T
     info = {
@@ -159,6 +183,20 @@ def segment_2d(predictor: SlicePredictor, volume: PreparedVolume, prompt: Prompt
         "seconds": round(time.perf_counter() - begin, 4),
     }
     return VolumeResult(mask, volume.affine, [z], info)
+
+
+def correct(
+    predictor: SlicePredictor,
+    volume: PreparedVolume,
+    z: int,
+    decoded: SlicePrediction,
+    prompt: Prompt,
+    config: PropagationConfig,
+) -> SlicePrediction:
+    """The decoded slice edited by its clicks (when the config asks for it)."""
+    if not config.click_corrections:
+        return decoded
+    return apply_clicks(predictor, volume, z, decoded, *prompt.points_on(z))
 
 
 def propagate(
@@ -173,7 +211,13 @@ def propagate(
     width, height, depth = volume.shape
     z_low, z_high = prompt.z_range(depth)
     z0 = int(np.clip(prompt.start_slice(), z_low, z_high))
-    first = segment_slice(predictor, volume, prompt, z0, config.first_context or config.context)
+    decoded = decode_slice(
+        predictor, volume, prompt, z0, config.first_context or config.context, config.click_corrections
+    )
+    first = correct(predictor, volume, z0, decoded, prompt, config)
+    # the next slice is prompted from the model's mask plus what clicks added: a background click's cut
+    # stays on its own slice instead of shrinking every slice after it
+    reach = decoded.mask | first.mask
     mask = np.zeros(volume.shape, dtype=bool, order="F")  # F order: NIfTI/NRRD write it in one copy
     done: list[int] = []
     stops: dict[str, str] = {}
@@ -181,23 +225,25 @@ def propagate(
         mask[:, :, z0] = first.mask.T
         done.append(z0)
         for step, limit in ((1, z_high), (-1, z_low)):
-            previous, z = first, z0 + step
+            previous, previous_reach, z = first, reach, z0 + step
             previous_window = focus(prompt.box_2d(), volume, config.first_context or config.context)
             while (z <= limit) if step > 0 else (z >= limit):
-                box = bounding_box(previous.mask)
+                box = bounding_box(previous_reach)
                 assert box is not None
-                box = _grow(box, config.margin, width, height)
+                box = grow_box(box, config.margin, width, height)
                 window = focus(box, volume, config.context)
                 if window is None:  # whole slices: encode a few ahead in one go
                     ahead = [z + step * i for i in range(config.prefetch) if z_low <= z + step * i <= z_high]
                     predictor.encode(volume, ahead)
                 points, labels = prompt.points_on(z)
+                given = decoder_points(predictor, points, labels, config.click_corrections)
                 use_mask = config.use_mask_prompt and window is None and previous_window is None
                 current = predictor.predict(
-                    volume, z, points, labels, box, previous.low_res_logits if use_mask else None, window=window
+                    volume, z, *given, box, previous.low_res_logits if use_mask else None, window=window
                 )
                 if config.keep_connected:
-                    current.mask = keep_connected(current.mask, previous.mask)
+                    current.mask = keep_connected(current.mask, previous_reach)
+                decoded, current = current, correct(predictor, volume, z, current, prompt, config)
                 area, previous_area = int(current.mask.sum()), int(previous.mask.sum())
                 reason = None
                 if area < config.min_area:
@@ -211,7 +257,8 @@ def propagate(
                     break
                 mask[:, :, z] = current.mask.T
                 done.append(z)
-                previous, previous_window, z = current, window, z + step
+                previous, previous_reach, previous_window = current, decoded.mask | current.mask, window
+                z += step
     seconds = time.perf_counter() - begin
     info = {
         "slice": z0,

