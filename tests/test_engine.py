@@ -6,7 +6,7 @@ import pytest
 
 from conftest import load_truth
 from lib.engine.cache import EmbeddingCache
-from lib.engine.interactive import propagate, segment_2d
+from lib.engine.interactive import clip_to_roi, propagate, segment_2d
 from lib.engine.predictor import SlicePredictor
 from lib.engine.preprocessing import IntensityConfig, intensity_bounds, to_uint8
 from lib.engine.prompts import Prompt
@@ -92,3 +92,12 @@ def test_concurrent_clicks_on_one_new_slice_encode_it_once(engine):
     assert predictor.encoded_slices == encoded + 1, "the other three waited for the first encoder run"
     for result in results[1:]:
         np.testing.assert_array_equal(result.mask, results[0].mask)
+
+
+def test_propagated_masks_are_cut_to_the_roi_box_with_slack():
+    prompt = Prompt.from_request({"roi": [10, 19, 20, 29, 0, 3]}, (64, 64, 4))  # x 10..19, y 20..29
+    flood = np.ones((64, 64), bool)  # (H, W): rows are y
+    cut = clip_to_roi(flood, prompt, 0.5)
+    ys, xs = np.nonzero(cut)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (5, 24, 15, 34)
+    assert clip_to_roi(flood, prompt, 0.0).sum() == 100

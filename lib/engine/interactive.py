@@ -40,6 +40,10 @@ class PropagationConfig:
     keep_connected: drop regions of a slice's mask that do not touch the previous slice's mask (stray blobs
         would otherwise widen the next box and the drift compounds).
     click_corrections: edit each slice's mask to agree with the clicks on it (lib.engine.corrections).
+    roi_slack: with an roi, a propagated slice's mask is cut to the roi's in-plane box grown by this
+        fraction of its size on each side (<0: no cut). The roi's box is the prompted slice's, and a
+        structure's other slices reach a little beyond it; natural-image models (MobileSAM) otherwise
+        flood whole slices (3D Dice 0.07 -> 0.34 on sub-01/02 at 0.25; LiteMedSAM 0.599 -> 0.602).
     """
 
     margin: int = 3
@@ -52,6 +56,7 @@ class PropagationConfig:
     keep_connected: bool = True
     first_context: float = 0.0
     click_corrections: bool = True
+    roi_slack: float = 0.25
 
 
 @dataclass
@@ -185,6 +190,15 @@ def segment_2d(
     return VolumeResult(mask, volume.affine, [z], info)
 
 
+def clip_to_roi(mask: np.ndarray, prompt: Prompt, slack: float) -> np.ndarray:
+    """(H, W) mask without what lies outside the roi's in-plane box grown by `slack` times its size."""
+    x0, y0, x1, y1 = prompt.box_2d()
+    grow_x, grow_y = round(slack * (x1 - x0 + 1)), round(slack * (y1 - y0 + 1))
+    inside = np.zeros_like(mask)
+    inside[max(0, y0 - grow_y) : y1 + grow_y + 1, max(0, x0 - grow_x) : x1 + grow_x + 1] = True
+    return mask & inside
+
+
 def correct(
     predictor: SlicePredictor,
     volume: PreparedVolume,
@@ -241,6 +255,8 @@ def propagate(
                 current = predictor.predict(
                     volume, z, *given, box, previous.low_res_logits if use_mask else None, window=window
                 )
+                if config.roi_slack >= 0 and prompt.roi is not None:  # see PropagationConfig
+                    current.mask = clip_to_roi(current.mask, prompt, config.roi_slack)
                 if config.keep_connected:
                     current.mask = keep_connected(current.mask, previous_reach)
                 decoded, current = current, correct(predictor, volume, z, current, prompt, config)
