@@ -83,9 +83,8 @@ class AppSettings:
     encoder_runtime: str = "auto"  # auto | torch | openvino
     encoder_bf16: bool = False  # bfloat16 encoder (CPUs with native bf16; on a GPU bf16 or fp16)
     compile_decoder: bool = True  # torch.compile the decoder for common prompt shapes, in the background
-    # decoder logit threshold: SAM's is 0; LiteMedSAM under-segments these structures, and -1.5 was best for 2D
-    # and 3D on held-out studies sub-04/sub-05 (python -m lib.evaluation.calibrate_threshold)
-    mask_threshold: float = -1.5
+    # decoder logit threshold; None: the model's own (LiteMedSAM -1.5, calibrated; SAM family 0)
+    mask_threshold: float | None = None
     # continual learning (README: "Continual learning")
     model_dir: str | None = None  # versions, embeddings and downloaded weights; default <app>/model
     train_every_labels: int = 4  # start a round after this many new final labels (0: off)
@@ -98,6 +97,15 @@ class AppSettings:
     # active learning (README: "Active learning")
     score_slices: int = 12  # slices per volume the foundation_uncertainty score looks at (per stage)
     lease_minutes: float = 30.0  # an image handed to one annotator is not handed to another for this long (0: off)
+
+    @property
+    def decoder_threshold(self) -> float:
+        """The mask threshold in force before any trained version calibrates its own."""
+        if self.mask_threshold is not None:
+            return self.mask_threshold
+        from lib.model.registry import MODEL_REGISTRY
+
+        return MODEL_REGISTRY[self.model].mask_threshold
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:

@@ -58,3 +58,9 @@ def test_bad_conf_values_name_the_key(conf, message):
 def test_defaults_and_passthrough_keys():
     settings = AppSettings.from_conf({"server_mode": "true", "cache_mb": "64", "ct_window": "50,350"})
     assert settings.model == "lite_medsam" and settings.cache_mb == 64 and settings.ct_window == (50.0, 350.0)
+
+
+def test_mask_threshold_is_the_models_unless_the_conf_sets_one():
+    assert AppSettings().decoder_threshold == -1.5  # LiteMedSAM's calibrated threshold
+    assert AppSettings.from_conf({"model": "mobile_sam"}).decoder_threshold == 0.0  # SAM's
+    assert AppSettings.from_conf({"model": "mobile_sam", "mask_threshold": "-0.5"}).decoder_threshold == -0.5

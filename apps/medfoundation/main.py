@@ -90,7 +90,7 @@ class MedFoundationApp(MONAILabelApp):
                 focus_context=self.settings.focus_context,
                 click_corrections=self.settings.click_corrections,
                 compile_decoder=self.settings.compile_decoder,
-                mask_threshold=self.settings.mask_threshold,
+                mask_threshold=self.settings.decoder_threshold,
             ),
             device=device,
         )
@@ -174,7 +174,7 @@ class MedFoundationApp(MONAILabelApp):
         }
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        config = ScoreConfig(slices=self.settings.score_slices, mask_threshold=self.settings.mask_threshold)
+        config = ScoreConfig(slices=self.settings.score_slices, mask_threshold=self.settings.decoder_threshold)
         method = FoundationUncertainty(self.service, self.model_dir, config, self.versions, self.load_version)
         return {"foundation_uncertainty": method}
 

@@ -54,7 +54,7 @@ class Bench:
         self.base = build_model("lite_medsam", model_dir=args.out / "model", device=args.device)
         self.predictor = SlicePredictor(
             self.base, EmbeddingCache(3 << 30), device=args.device, encoder_autocast=True,
-            mask_threshold=AppSettings().mask_threshold,
+            mask_threshold=AppSettings().decoder_threshold,
         )  # fmt: skip
         self.volumes = VolumeStore(IntensityConfig(), capacity=24)
         self.score_config = ScoreConfig(slices=args.score_slices)
@@ -77,7 +77,7 @@ class Bench:
         if key not in self.scores:
             encoded = sum(s.encoded_slices for s in self.stores.values())
             volume = self.volumes.get(self.image(subject).image_path)
-            threshold = model.mask_threshold if model.mask_threshold is not None else AppSettings().mask_threshold
+            threshold = model.mask_threshold if model.mask_threshold is not None else AppSettings().decoder_threshold
             config = ScoreConfig(slices=self.args.score_slices, mask_threshold=threshold)
             result = score_volume(model, volume, self.stores, self.views, config, previous)
             fresh = sum(s.encoded_slices for s in self.stores.values()) > encoded

@@ -158,6 +158,8 @@ def plot_clicks(results: dict[str, dict], path: Path) -> None:
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
         axis.legend(loc="lower right")
+    left.set_xticks(range(len(next(iter(results.values()))["curve_3d"])))
+    right.set_xticks([1, 5, 10, 15, 20])
     right.axhline(0.85, color="grey", linestyle=":")
     right.axhline(0.90, color="grey", linestyle="--")
     figure.tight_layout()

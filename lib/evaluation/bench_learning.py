@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--held-out", default="sub-09,sub-10,sub-11,sub-12")
     parser.add_argument("--steps", type=int, default=TrainConfig().steps)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="lite_medsam", help="a lib.model registry name, e.g. mobile_sam")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +142,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"missing sample volumes {missing}: build more with `make data` (12 subjects)")
 
-    base = build_model("lite_medsam", model_dir=args.out / "model", device=args.device)
+    base = build_model(args.model, model_dir=args.out / "model", device=args.device)
     model_dir = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh versions: never an earlier run's
     versions = VersionStore(model_dir, base.base_version)
     predictor = SlicePredictor(
@@ -149,7 +150,7 @@ def main() -> None:
         EmbeddingCache(3 << 30),
         device=args.device,
         encoder_autocast=True,
-        mask_threshold=AppSettings().mask_threshold,
+        mask_threshold=AppSettings(model=args.model).decoder_threshold,
     )
     volumes = VolumeStore(IntensityConfig(), capacity=16)
     # embeddings are keyed by encoder and volume content, so later runs reuse them (the encoder is frozen)

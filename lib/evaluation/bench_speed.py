@@ -175,7 +175,7 @@ def bench_propagation(model, ir_dir: Path | None, truth: np.ndarray, image: Path
     settings = AppSettings()
     config = ServiceConfig(
         prefetch_slices=0, encoder_runtime=settings.encoder_runtime, encoder_bf16=settings.encoder_bf16,
-        mask_threshold=settings.mask_threshold, encoder_ir_dir=str(ir_dir) if ir_dir else None,
+        mask_threshold=settings.decoder_threshold, encoder_ir_dir=str(ir_dir) if ir_dir else None,
     )  # fmt: skip
     service = SegmentationService(model, config)
     service.predictor.encoder()  # the export is made once per encoder, at start: not part of a request

