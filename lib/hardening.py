@@ -15,6 +15,9 @@
    out samples and saves labels synchronously inside them, on the server's one event loop: every request
    waits for the one in progress (measured with 8 annotators: clicks on encoded slices at p95 6.2 s, all of it
    queueing). Those endpoints are re-registered as plain functions, which FastAPI runs in its thread pool.
+4. The DICOMweb proxy (`/proxy/dicom/...`, what the bundled OHIF talks to) forwards GET requests without
+   their query string: a study search by patient, date or `limit` came back as every study in the PACS.
+   The query string is forwarded (metadata requests, which the proxy re-routes by their path's end, too).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from monailabel.config import settings
+from monailabel.endpoints import proxy
 from monailabel.endpoints.user import auth
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
@@ -186,9 +190,23 @@ def run_blocking_endpoints_in_threads(app: FastAPI) -> int:
     return replaced
 
 
+_proxy_dicom = proxy.proxy_dicom
+
+
+async def proxy_dicom_with_query(request: Request, op: str, path: str):
+    """MONAI Label's DICOMweb proxy, given the request's query string along with its path."""
+    query = request.url.query
+    if not query:
+        return await _proxy_dicom(request, op, path)
+    if path.endswith("metadata") and op == "qido":  # the proxy sends these to WADO by the path's end
+        op = "wado"
+    return await _proxy_dicom(request, op, f"{path}?{query}")
+
+
 def install(app: FastAPI) -> None:
-    """Install both fixes in the running server (called once, from the app's on_init_complete)."""
+    """Install the fixes in the running server (called once, from the app's on_init_complete)."""
     auth.from_token = verified_user  # get_current_user looks the name up at call time
+    proxy.proxy_dicom = proxy_dicom_with_query  # the proxy routes look the name up at call time
     app.add_exception_handler(json.JSONDecodeError, _bad_json)
     app.add_exception_handler(ImageNotFoundException, _not_found)
     app.add_exception_handler(LabelNotFoundException, _not_found)

@@ -72,6 +72,7 @@ class AppSettings:
     # training and scoring subprocesses run at this lower CPU priority (0-19), so clicks keep their speed
     background_nice: int = 10
     modality: str = "auto"  # auto | CT | MR
+    dicomweb_modalities: tuple[str, ...] = ("CT", "MR")  # series a DICOMweb datastore lists (MONAI Label: CT only)
     ct_window: tuple[float, float] = (40.0, 400.0)  # level, width (HU)
     prefetch_slices: int = 48  # slices pre-encoded when an image is handed out (0: off)
     propagation_margin: int = 3  # pixels around the previous slice's mask box
@@ -142,6 +143,11 @@ class AppSettings:
                 values[key] = _number(key, raw, float, -20.0)
             elif key in ("propagation_mask_prompt", "encoder_bf16", "compile_decoder", "click_corrections"):
                 values[key] = _bool(key, raw)
+            elif key == "dicomweb_modalities":
+                names = tuple(m.strip().upper() for m in str(raw).split(",") if m.strip())
+                if not names or not all(m.isalnum() for m in names):
+                    raise ConfError(f"--conf dicomweb_modalities {raw!r}: expected modality codes such as CT,MR")
+                values[key] = names
             elif key == "ct_window":
                 parts = str(raw).split(",")
                 if len(parts) != 2:

@@ -20,6 +20,7 @@ if str(REPO_ROOT) not in sys.path:  # the top-level `lib` package lives beside `
 
 from fastapi import HTTPException  # noqa: E402
 from monailabel.config import settings as monailabel_settings  # noqa: E402
+from monailabel.datastore.dicom import DICOMWebDatastore  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.datastore import Datastore  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
@@ -30,6 +31,7 @@ from monailabel.utils.async_tasks.utils import processes  # noqa: E402
 
 from lib.activelearning.leases import LeaseBook  # noqa: E402
 from lib.activelearning.strategies import Diverse, FirstUnlabelled, RandomUnlabelled, Uncertain  # noqa: E402
+from lib.datastore.dicomweb import MONAILABEL_SEARCH_FILTER, PacsDatastore, search_filter  # noqa: E402
 from lib.datastore.local import SafeLocalDatastore  # noqa: E402
 from lib.engine.continual import RoundConfig  # noqa: E402
 from lib.engine.interactive import PropagationConfig  # noqa: E402
@@ -114,9 +116,16 @@ class MedFoundationApp(MONAILabelApp):
             return self.base_model
 
     def init_datastore(self) -> Datastore:
-        """A local folder gets the checked, atomic, history-keeping datastore; DICOMweb stays MONAI Label's."""
+        """A local folder gets the checked, atomic, history-keeping datastore; DICOMweb is MONAI Label's with
+        its listing defects worked around (lib.datastore.dicomweb)."""
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            if monailabel_settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER == MONAILABEL_SEARCH_FILTER:  # CT only
+                filter_ = search_filter(self.settings.dicomweb_modalities)
+                monailabel_settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER = filter_
+            store = super().init_datastore()
+            if isinstance(store, DICOMWebDatastore):
+                store.__class__ = PacsDatastore  # a subclass without state of its own: only save_label differs
+            return store
         return SafeLocalDatastore(
             self.studies,
             self.settings.labels,

@@ -1,0 +1,160 @@
+"""The server on a real PACS: Orthanc with DICOMweb, the sample studies as DICOM series, labels as DICOM SEG.
+
+Marked `pacs`: Orthanc (Debian packages `orthanc`, `orthanc-dicomweb`) listens on every interface, so these
+tests run only inside a private network namespace that has nothing but loopback. `make test` runs them in
+one (`unshare --net`); a plain `pytest` leaves them out (pyproject's addopts).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pydicom_seg
+import pytest
+import requests
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+
+from conftest import load_truth
+from lib.evaluation.ground_truth import box_on_slice, dice, middle_slice, roi_3d
+from lib.evaluation.pacs import OrthancProcess, load_sample_studies, series_affine, write_series
+from lib.evaluation.server import ServerProcess
+
+pytestmark = [pytest.mark.pacs, pytest.mark.slow]
+SUBJECTS = ("sub-01", "sub-02", "sub-03")
+
+
+def _private_network() -> bool:
+    """Only loopback in this process's network namespace (/sys/class/net may still show the host's)."""
+    return {name for _, name in socket.if_nameindex()} == {"lo"}
+
+
+@pytest.fixture(scope="module")
+def pacs(sample_data, tmp_path_factory):
+    if not _private_network():
+        pytest.fail(
+            "Orthanc listens on every interface: run the pacs tests inside a private network namespace "
+            "(make test does: unshare --net sh -c 'ip link set lo up && pytest -m pacs')"
+        )
+    work = tmp_path_factory.mktemp("pacs")
+    with OrthancProcess(work) as orthanc:
+        series = load_sample_studies(orthanc, sample_data, work / "dicom", list(SUBJECTS))
+        yield orthanc, {s.subject: s for s in series}
+
+
+@pytest.fixture(scope="module")
+def pacs_server(pacs, sample_data, tmp_path_factory):
+    """`monailabel start_server --studies http://127.0.0.1:<port>/dicom-web`, nothing but the app's defaults."""
+    orthanc, _ = pacs
+    work = tmp_path_factory.mktemp("pacs-server")
+    conf = {
+        "labels": str(sample_data / "labels.json"),
+        "prefetch_slices": "0",
+        "compile_decoder": "false",
+        "model_dir": str(work / "model"),
+        "train_every_labels": "0",
+        "train_interval_minutes": "0",
+    }
+    env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache")}
+    with ServerProcess(orthanc.dicomweb, work / "server.log", conf, env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(pacs_server, tmp_path_factory) -> MONAILabelClient:
+    return MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path_factory.mktemp("pacs-client")))
+
+
+def test_a_volume_written_as_dicom_keeps_its_geometry_and_pixels(sample_data, tmp_path):
+    image = sample_data / "studies" / "sub-01.nii.gz"
+    series = write_series(image, tmp_path, "sub-01")
+    volume = nib.load(image)
+    assert len(series.files) == volume.shape[2]
+    assert np.allclose(series_affine(series.files), volume.affine, atol=1e-4)
+    middle = pydicom.dcmread(series.files[80])
+    assert np.array_equal(middle.pixel_array, np.asarray(volume.dataobj)[:, :, 80].T)
+    again = write_series(image, tmp_path / "again", "sub-01")
+    assert again.series_uid == series.series_uid, "UIDs are stable across runs"
+
+
+def test_the_datastore_lists_the_mr_series_of_the_pacs(client, pacs):
+    """MONAI Label's own default search filter lists CT only: these MR studies would be invisible."""
+    _, series = pacs
+    assert client.info()["datastore"]["total"] == len(SUBJECTS)
+    sample = client.next_sample("first", {})
+    assert sample["id"] in {s.series_uid for s in series.values()}
+    assert sample["Modality"] == "MR"
+
+
+def test_the_dicomweb_proxy_forwards_query_strings(client, pacs):
+    """OHIF searches the PACS through the server's proxy; MONAI Label 0.8.5 dropped the query string."""
+    _, series = pacs
+    base = f"{client.get_server_url()}/proxy/dicom/qido/studies"
+    studies = requests.get(base, params={"PatientID": "sub-02", "includefield": "00081030"}, timeout=30).json()
+    assert [s["0020000D"]["Value"][0] for s in studies] == [series["sub-02"].study_uid]
+    assert len(requests.get(base, timeout=30).json()) == len(SUBJECTS)
+
+
+def test_foundation_segments_a_dicom_series(client, pacs, sample_data, labels):
+    _, series = pacs
+    truth = load_truth(sample_data, "sub-01") == labels["left_thalamus"]
+    z = middle_slice(truth)
+    path, info = client.infer("foundation_2d", series["sub-01"].series_uid, {"roi": box_on_slice(truth, z)})
+    label = nib.load(path)
+    # MONAI Label converts the series back to NIfTI: same grid as the volume the series was written from
+    assert np.allclose(label.affine, nib.load(sample_data / "studies" / "sub-01.nii.gz").affine, atol=1e-3)
+    mask = np.asarray(label.dataobj) > 0
+    assert dice(mask[:, :, z], truth[:, :, z]) > 0.8
+    path, info = client.infer("foundation", series["sub-01"].series_uid, {"roi": roi_3d(truth)})
+    assert info["slices_segmented"] > 10 and dice(np.asarray(nib.load(path).dataobj) > 0, truth) > 0.5
+
+
+def _seg_instances(orthanc: OrthancProcess) -> list[pydicom.Dataset]:
+    found = []
+    for series_id in orthanc.get_json("/series"):
+        if orthanc.get_json(f"/series/{series_id}")["MainDicomTags"].get("Modality") != "SEG":
+            continue
+        for instance in orthanc.get_json(f"/series/{series_id}/instances"):
+            with urllib.request.urlopen(f"{orthanc.url}/instances/{instance['ID']}/file", timeout=30) as response:
+                found.append(pydicom.dcmread(io.BytesIO(response.read())))
+    return found
+
+
+def test_a_final_label_is_stored_in_the_pacs_as_a_dicom_seg_on_the_series_grid(
+    client, pacs, sample_data, labels, tmp_path
+):
+    orthanc, series = pacs
+    image_id = series["sub-02"].series_uid
+    truth_file = sample_data / "ground-truth" / "sub-02.nii.gz"
+    label_info = [{"name": name, "idx": index} for name, index in labels.items()]
+    client.save_label(image_id, str(truth_file), "final", {"label_info": label_info})
+
+    segs = _seg_instances(orthanc)
+    assert len(segs) == 1
+    seg = segs[0]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id
+    assert seg.StudyInstanceUID == series["sub-02"].study_uid
+    names = {s.SegmentLabel for s in seg.SegmentSequence}
+    assert names == set(labels), names
+
+    # decoded and resampled onto the image series, the SEG is the label that was saved
+    decoded = pydicom_seg.MultiClassReader().read(seg).image
+    reference = sitk.ReadImage(str(sample_data / "studies" / "sub-02.nii.gz"))
+    on_grid = sitk.Resample(decoded, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, decoded.GetPixelID())
+    stored = sitk.GetArrayFromImage(on_grid)  # (z, y, x)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file)))
+    by_segment = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
+    scores = [dice(stored == number, truth == labels[name]) for number, name in by_segment.items()]
+    assert min(scores) > 0.99, dict(zip(by_segment.values(), scores, strict=True))
+
+    # the labelled series is not handed out again (MONAI Label cached its listing for 2 hours)
+    url = client.get_server_url()
+    annotators = [MONAILabelClient(url, str(tmp_path), client_id=f"annotator-{i}") for i in range(3)]
+    handed = {annotator.next_sample("first", {}).get("id") for annotator in annotators}
+    assert image_id not in handed and handed & {series["sub-01"].series_uid, series["sub-03"].series_uid}
+    assert client.info()["datastore"]["completed"] == 1
