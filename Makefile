@@ -40,19 +40,19 @@ run: venv data
 # The pacs group (tests/test_pacs.py) starts Orthanc, which listens on every interface: it runs in a private
 # network namespace with loopback only (root, or an unprivileged user namespace mapped to root).
 NETNS = unshare --net $(if $(filter 0,$(shell id -u)),,--map-root-user) sh -c 'ip link set lo up && exec "$$0" "$$@"'
-ORTHANC_MISSING = the pacs tests and run-pacs need Orthanc: apt-get install orthanc orthanc-dicomweb
+ORTHANC_MISSING = the pacs tests need Orthanc and Chromium: apt-get install orthanc orthanc-dicomweb chromium
 
 test: venv
 	$(PY) -m ruff check .
 	$(PY) -m pytest -v $(PYTEST_ARGS)
-	@test -x /usr/sbin/Orthanc || { echo "$(ORTHANC_MISSING)"; exit 1; }
+	@test -x /usr/sbin/Orthanc -a -x /usr/bin/chromium || { echo "$(ORTHANC_MISSING)"; exit 1; }
 	$(NETNS) $(PY) -m pytest -v -m pacs $(PYTEST_ARGS)
 
 # Orthanc (DICOMweb on 127.0.0.1:$(PACS_PORT), RemoteAccessAllowed false) with the sample studies as DICOM, and
 # the server on it; OHIF at http://127.0.0.1:$(PORT)/ohif/ shows the PACS's studies. Ctrl-C stops both.
 PACS_PORT ?= 8042
 run-pacs: venv data
-	@test -x /usr/sbin/Orthanc || { echo "$(ORTHANC_MISSING)"; exit 1; }
+	@test -x /usr/sbin/Orthanc || { echo "run-pacs needs Orthanc: apt-get install orthanc orthanc-dicomweb"; exit 1; }
 	$(PY) -m lib.evaluation.pacs --data $(DATA) --port $(PACS_PORT) --ready-file $(DATA)/.pacs-ready & pacs=$$!; \
 	trap "kill $$pacs" EXIT; \
 	while [ ! -e $(DATA)/.pacs-ready ]; do kill -0 $$pacs || exit 1; sleep 1; done; \

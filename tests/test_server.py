@@ -41,7 +41,8 @@ def test_info_lists_the_foundation_tasks(client, labels):
     assert info["models"]["foundation"]["type"] == info["models"]["foundation_2d"]["type"] == "deepgrow"
     assert info["models"]["foundation_auto"]["type"] == "segmentation"
     assert "foundation" in info["trainers"]
-    assert info["labels"] == labels
+    assert info["labels"] == sorted(labels, key=labels.get), "names in index order, a list as OHIF's panel needs"
+    assert info["models"]["foundation"]["labels"] == labels
     assert {"random", "first"} <= set(info["strategies"])
 
 

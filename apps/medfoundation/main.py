@@ -104,7 +104,9 @@ class MedFoundationApp(MONAILabelApp):
             name="medfoundation",
             description="Medical segmentation foundation model for interactive 2D/3D annotation",
             version=VERSION,
-            labels=self.settings.labels,
+            # /info/'s `labels` as names in index order: OHIF's panel appends to it as to a list (a map made its
+            # "connect" fail); each task still lists its {name: index} map
+            labels=[name for name, _ in sorted(self.settings.labels.items(), key=lambda item: item[1])],
         )
 
     def load_version(self, number: int) -> LoadedModel:
