@@ -44,8 +44,8 @@ ORTHANC_MISSING = the pacs tests need Orthanc and Chromium: apt-get install orth
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -v $(PYTEST_ARGS)
 	@test -x /usr/sbin/Orthanc -a -x /usr/bin/chromium || { echo "$(ORTHANC_MISSING)"; exit 1; }
+	$(PY) -m pytest -v $(PYTEST_ARGS)
 	$(NETNS) $(PY) -m pytest -v -m pacs $(PYTEST_ARGS)
 
 # Orthanc (DICOMweb on 127.0.0.1:$(PACS_PORT), RemoteAccessAllowed false) with the sample studies as DICOM, and
