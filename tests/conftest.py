@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -59,6 +60,41 @@ def server_folders(sample_data: Path, tmp_path_factory, name: str) -> tuple[Path
     for image in sorted((sample_data / "studies").glob("*.nii.gz")):
         shutil.copy(image, studies / image.name)
     return studies, tmp_path_factory.mktemp(f"server{name}") / "server.log"
+
+
+# scoring at start has its own tests (test_active_learning.py); elsewhere it would only compete for the CPU
+QUIET_ENV = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+
+
+def quiet_server_conf(sample_data: Path, model_dir: Path, **extra: str) -> dict[str, str]:
+    """--conf of a test server that does only what its test asks: no pre-encoding, no decoder compile, no
+    scheduled rounds, and a fresh model folder (versions of an earlier run must not be served)."""
+    return {
+        "labels": str(sample_data / "labels.json"),
+        "prefetch_slices": "0",
+        "compile_decoder": "false",
+        "model_dir": str(model_dir),
+        "train_every_labels": "0",
+        "train_interval_minutes": "0",
+        **extra,
+    }
+
+
+def require_private_network() -> None:
+    """The pacs group starts Orthanc, which listens on every interface: only a namespace with loopback alone will do
+    (/sys/class/net may still show the host's interfaces, so ask the socket layer)."""
+    if {name for _, name in socket.if_nameindex()} != {"lo"}:
+        pytest.fail(
+            "Orthanc listens on every interface: run the pacs tests inside a private network namespace "
+            "(make test does: unshare --net sh -c 'ip link set lo up && pytest -m pacs')"
+        )
+
+
+def pacs_server(orthanc, sample_data: Path, work: Path, port: int | None = None) -> ServerProcess:
+    """`monailabel start_server --studies <Orthanc's DICOMweb>` with a fresh DICOMweb cache (not yet started)."""
+    env = {**QUIET_ENV, "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache")}
+    conf = quiet_server_conf(sample_data, work / "model")
+    return ServerProcess(orthanc.dicomweb, work / "server.log", conf, port=port, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -9,17 +9,15 @@ Playwright for Python with executable_path=/usr/bin/chromium (no `playwright ins
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, load_truth
+from conftest import REPO, load_truth, pacs_server, require_private_network
 from lib.evaluation.ground_truth import centre_click
 from lib.evaluation.pacs import OrthancProcess, load_sample_studies
-from lib.evaluation.server import ServerProcess
 
 pytestmark = [pytest.mark.pacs, pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"
@@ -60,21 +58,11 @@ LABELMAP_VOXELS = """() => {
 
 @pytest.fixture(scope="module")
 def ohif_setup(sample_data, tmp_path_factory):
-    if {name for _, name in socket.if_nameindex()} != {"lo"}:
-        pytest.fail("run the pacs group inside a private network namespace (make test does: unshare --net)")
+    require_private_network()
     work = tmp_path_factory.mktemp("ohif")
     with OrthancProcess(work / "orthanc") as orthanc:
         series = {s.subject: s for s in load_sample_studies(orthanc, sample_data, work / "dicom", ["sub-01", "sub-02"])}
-        conf = {
-            "labels": str(sample_data / "labels.json"),
-            "prefetch_slices": "0",
-            "compile_decoder": "false",
-            "model_dir": str(work / "model"),
-            "train_every_labels": "0",
-            "train_interval_minutes": "0",
-        }
-        env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache")}
-        with ServerProcess(orthanc.dicomweb, work / "server.log", conf, port=8000, env=env) as server:
+        with pacs_server(orthanc, sample_data, work, port=8000) as server:  # OHIF's panel expects port 8000
             yield server, series, work
 
 

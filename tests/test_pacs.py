@@ -8,7 +8,6 @@ one (`unshare --net`); a plain `pytest` leaves them out (pyproject's addopts).
 from __future__ import annotations
 
 import io
-import socket
 import urllib.request
 
 import nibabel as nib
@@ -20,27 +19,17 @@ import requests
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from conftest import load_truth
+from conftest import load_truth, pacs_server, require_private_network
 from lib.evaluation.ground_truth import box_on_slice, dice, middle_slice, roi_3d
 from lib.evaluation.pacs import OrthancProcess, load_sample_studies, series_affine, write_series
-from lib.evaluation.server import ServerProcess
 
 pytestmark = [pytest.mark.pacs, pytest.mark.slow]
 SUBJECTS = ("sub-01", "sub-02", "sub-03")
 
 
-def _private_network() -> bool:
-    """Only loopback in this process's network namespace (/sys/class/net may still show the host's)."""
-    return {name for _, name in socket.if_nameindex()} == {"lo"}
-
-
 @pytest.fixture(scope="module")
 def pacs(sample_data, tmp_path_factory):
-    if not _private_network():
-        pytest.fail(
-            "Orthanc listens on every interface: run the pacs tests inside a private network namespace "
-            "(make test does: unshare --net sh -c 'ip link set lo up && pytest -m pacs')"
-        )
+    require_private_network()
     work = tmp_path_factory.mktemp("pacs")
     with OrthancProcess(work) as orthanc:
         series = load_sample_studies(orthanc, sample_data, work / "dicom", list(SUBJECTS))
@@ -48,26 +37,16 @@ def pacs(sample_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pacs_server(pacs, sample_data, tmp_path_factory):
+def dicomweb_server(pacs, sample_data, tmp_path_factory):
     """`monailabel start_server --studies http://127.0.0.1:<port>/dicom-web`, nothing but the app's defaults."""
     orthanc, _ = pacs
-    work = tmp_path_factory.mktemp("pacs-server")
-    conf = {
-        "labels": str(sample_data / "labels.json"),
-        "prefetch_slices": "0",
-        "compile_decoder": "false",
-        "model_dir": str(work / "model"),
-        "train_every_labels": "0",
-        "train_interval_minutes": "0",
-    }
-    env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache")}
-    with ServerProcess(orthanc.dicomweb, work / "server.log", conf, env=env) as server:
+    with pacs_server(orthanc, sample_data, tmp_path_factory.mktemp("pacs-server")) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def client(pacs_server, tmp_path_factory) -> MONAILabelClient:
-    return MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path_factory.mktemp("pacs-client")))
+def client(dicomweb_server, tmp_path_factory) -> MONAILabelClient:
+    return MONAILabelClient(dicomweb_server.url, tmpdir=str(tmp_path_factory.mktemp("pacs-client")))
 
 
 def test_a_volume_written_as_dicom_keeps_its_geometry_and_pixels(sample_data, tmp_path):

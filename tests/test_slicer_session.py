@@ -19,7 +19,7 @@ import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from conftest import load_truth, server_folders
+from conftest import QUIET_ENV, load_truth, quiet_server_conf, server_folders
 from lib.evaluation.ground_truth import box_on_slice, centre_click, dice, middle_slice, roi_3d
 from lib.evaluation.server import ServerProcess
 
@@ -89,17 +89,9 @@ class SlicerModule:
 @pytest.fixture(scope="module")
 def slicer_server(sample_data, tmp_path_factory):
     studies, log = server_folders(sample_data, tmp_path_factory, "-slicer")
-    conf = {
-        "labels": str(sample_data / "labels.json"),
-        "prefetch_slices": "0",
-        "compile_decoder": "false",
-        "model_dir": str(tmp_path_factory.mktemp("model-slicer")),
-        "train_every_labels": "0",
-        "train_interval_minutes": "0",
-        "train_slice_step": "6",
-        "lease_minutes": "30",
-    }
-    with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as process:
+    model_dir = tmp_path_factory.mktemp("model-slicer")
+    conf = quiet_server_conf(sample_data, model_dir, train_slice_step="6", lease_minutes="30")
+    with ServerProcess(studies, log, conf, env=QUIET_ENV) as process:
         yield process
 
 

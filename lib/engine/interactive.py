@@ -126,9 +126,7 @@ def segment_slice(
     corrections: the clicks then edit the mask until it agrees with every one (lib.engine.corrections).
     """
     decoded = decode_slice(predictor, volume, prompt, z, context, corrections)
-    if not corrections:
-        return decoded
-    return apply_clicks(predictor, volume, z, decoded, *prompt.points_on(z))
+    return correct(predictor, volume, z, decoded, prompt, corrections)
 
 
 def decode_slice(
@@ -205,10 +203,10 @@ def correct(
     z: int,
     decoded: SlicePrediction,
     prompt: Prompt,
-    config: PropagationConfig,
+    corrections: bool,
 ) -> SlicePrediction:
-    """The decoded slice edited by its clicks (when the config asks for it)."""
-    if not config.click_corrections:
+    """The decoded slice edited by the clicks on it (lib.engine.corrections), or as decoded."""
+    if not corrections:
         return decoded
     return apply_clicks(predictor, volume, z, decoded, *prompt.points_on(z))
 
@@ -228,7 +226,7 @@ def propagate(
     decoded = decode_slice(
         predictor, volume, prompt, z0, config.first_context or config.context, config.click_corrections
     )
-    first = correct(predictor, volume, z0, decoded, prompt, config)
+    first = correct(predictor, volume, z0, decoded, prompt, config.click_corrections)
     # the next slice is prompted from the model's mask plus what clicks added: a background click's cut
     # stays on its own slice instead of shrinking every slice after it
     reach = decoded.mask | first.mask
@@ -259,7 +257,7 @@ def propagate(
                     current.mask = clip_to_roi(current.mask, prompt, config.roi_slack)
                 if config.keep_connected:
                     current.mask = keep_connected(current.mask, previous_reach)
-                decoded, current = current, correct(predictor, volume, z, current, prompt, config)
+                decoded, current = current, correct(predictor, volume, z, current, prompt, config.click_corrections)
                 area, previous_area = int(current.mask.sum()), int(previous.mask.sum())
                 reason = None
                 if area < config.min_area:

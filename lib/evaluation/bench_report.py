@@ -25,18 +25,10 @@ ANCHORS = [
 ]
 
 
-def _active_report(results: dict) -> str:
-    return bench_active.report(results)
-
-
 def _load_report(results: dict) -> str:
     from lib.evaluation.bench_load import report
 
     return report(results, results["meta"])
-
-
-def _interactive_report(results: dict) -> str:
-    return bench_interactive.report(results)
 
 
 def newest(paths: list[Path]) -> Path | None:
@@ -48,8 +40,8 @@ def sections(out: Path) -> list[tuple[str, list[Path], Callable[[dict], str], st
     """(name, candidate files, report function, command that produces it)."""
     return [
         ("serving", [out / "serving.json"], bench_serving.report, "make bench"),
-        ("interactive", [out / "interactive.json"], _interactive_report, "make bench"),
-        ("active_learning", [out / "active" / "results.json"], _active_report, "make bench-active"),
+        ("interactive", [out / "interactive.json"], bench_interactive.report, "make bench"),
+        ("active_learning", [out / "active" / "results.json"], bench_active.report, "make bench-active"),
         ("continual_learning", [out / "learning" / "results.json"], bench_learning.report, "make bench-learning"),
         ("baseline", [out / "baseline" / "results.json"], bench_baseline.report, "make bench"),
         ("speed", [out / "speed.json"], bench_speed.report, "make bench"),

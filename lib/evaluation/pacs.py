@@ -30,7 +30,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from lib.evaluation.server import free_port
+from lib.evaluation.server import free_port, stop_process
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -171,13 +171,8 @@ class OrthancProcess:
             return json.loads(response.read())
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=20)
+        if self.process is not None:
+            stop_process(self.process)
 
     def __enter__(self) -> OrthancProcess:
         return self.start()

@@ -22,6 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate a child by its PID, and kill it if it has not exited within `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
 class ServerProcess:
     """`monailabel start_server --app apps/medfoundation` (or another app) as a child process.
 
@@ -101,12 +113,7 @@ class ServerProcess:
         if self.process is None or self.process.poll() is not None:
             return
         children = self.children()  # by PID, before the parent goes: a round in progress must not outlive it
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=20)
+        stop_process(self.process)
         for child in children:
             try:
                 child.kill()
