@@ -20,6 +20,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from conftest import server_folders
+from lib.atomic import writer_alive
 from lib.evaluation.server import ServerProcess
 from lib.model.versions import VersionStore
 
@@ -232,6 +233,11 @@ def _kill_tree(server: ServerProcess) -> None:
         except (ProcessLookupError, psutil.NoSuchProcess):
             pass
     server.process.wait(timeout=30)
+    # SIGKILL is delivered asynchronously (a writer blocked in fsync dies later): wait until every process is gone
+    # or a zombie, as after a real crash, so that the next start sees its temporaries as a dead writer's.
+    deadline = time.time() + 30
+    while any(writer_alive(process.pid) for process in processes) and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def _details(client: MONAILabelClient) -> str:
@@ -271,13 +277,17 @@ def test_sigkill_during_training_and_during_publishing_leaves_a_served_model_tha
         _kill_tree(server)  # 1: in the middle of training
     assert _served_model_loads(model_dir) == 0
 
-    with ServerProcess(studies, tmp_path / "second.log", conf, env=ENV) as server:
+    # The version store holds a written-but-unpublished version for 30 s, so the kill lands in that window on any
+    # machine (polling for a write that takes milliseconds missed it on a loaded CI machine).
+    held = {**ENV, "MEDFOUNDATION_TEST_PAUSE_BEFORE_PUBLISH_S": "30"}
+    with ServerProcess(studies, tmp_path / "second.log", conf, env=held) as server:
         client = MONAILabelClient(server.url)
         client.train_start("foundation", {})
         deadline, caught = time.time() + 600, None
-        while caught is None and time.time() < deadline and server.children():
-            caught = next(iter(versions.glob(".tmp-v*")), None)  # the new version being written
-            time.sleep(0.001)
+        while caught is None and time.time() < deadline:
+            tmp = next(iter(versions.glob(".tmp-v*")), None)  # the new version being written
+            caught = tmp if tmp is not None and (tmp / "meta.json").exists() else None
+            time.sleep(0.05)
         if caught is not None:
             _kill_tree(server)  # 2: while the new version's files are being written
     assert caught is not None, "the round ended before its version was seen being written"

@@ -105,6 +105,8 @@ class VersionStore:
                 os.fsync(handle.fileno())
             meta["sha256"] = file_sha256(weights)
         write_json_atomic(tmp / "meta.json", meta)
+        # Fault injection for the crash tests: hold the half-written version so a kill lands inside the window.
+        time.sleep(float(os.environ.get("MEDFOUNDATION_TEST_PAUSE_BEFORE_PUBLISH_S", "0")))
         os.rename(tmp, final)  # atomic: the version appears whole or not at all
         fsync_dir(self.root)
         return meta
