@@ -11,7 +11,7 @@ from lib.engine.predictor import SlicePredictor
 from lib.engine.preprocessing import IntensityConfig, intensity_bounds, to_uint8
 from lib.engine.prompts import Prompt
 from lib.engine.volumes import ImageReadError, ImageTooLarge, VolumeStore
-from lib.evaluation.ground_truth import box_on_slice, dice, middle_slice, roi_3d
+from lib.evaluation.ground_truth import box_on_slice, centre_click, dice, middle_slice, roi_3d
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,29 @@ def test_second_click_on_a_slice_does_not_run_the_encoder(engine):
     encoded = predictor.encoded_slices
     second = segment_2d(predictor, volume, Prompt.from_request({"roi": [62, 78, 82, 108, 70, 70]}, volume.shape))
     assert predictor.encoded_slices == encoded and second.info["cached_embedding"] is True
+
+
+def test_later_clicks_on_a_slice_reuse_the_first_clicks_decode_and_cannot_corrupt_it(engine, labels):
+    predictor, volume, truth = engine
+    structure = truth == labels["left_thalamus"]
+    z = middle_slice(structure)
+    x, y = centre_click(structure[:, :, z])
+    first = segment_2d(predictor, volume, Prompt.from_request({"foreground": [[x, y, z]]}, volume.shape))
+    calls = predictor.decoder_calls
+    inside = np.argwhere(first.mask[:, :, z])[len(np.argwhere(first.mask[:, :, z])) // 3]  # another mask pixel
+    clicks = {"foreground": [[x, y, z], [int(inside[0]), int(inside[1]), z]]}
+    second = segment_2d(predictor, volume, Prompt.from_request(clicks, volume.shape))
+    assert predictor.decoder_calls == calls, "a click the mask agrees with ran the decoder again"
+    assert np.array_equal(second.mask, first.mask)
+    remembered = predictor.predict(volume, z, None, None, np.asarray([x - 8, y - 8, x + 8, y + 8]))
+    with pytest.raises(ValueError):
+        remembered.mask[0, 0] = True  # shared with later callers: read-only
+    predictor.mask_threshold, threshold = predictor.mask_threshold + 1.0, predictor.mask_threshold
+    try:
+        predictor.predict(volume, z, None, None, np.asarray([x - 8, y - 8, x + 8, y + 8]))
+        assert predictor.decoder_calls == calls + 2, "another threshold must decode again"
+    finally:
+        predictor.mask_threshold = threshold
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from lib.model.registry import LoadedModel
 from lib.model.runtime import EncoderRuntime, TorchEncoder, low_precision_dtype, make_encoder_runtime
 
 logger = logging.getLogger(__name__)
+
+# Decoder answers remembered per (slice, prompt, model version): ~1 MB each for four candidates on a sample MR.
+DECODES_KEPT = 64
 
 
 @dataclass
@@ -86,6 +90,9 @@ class SlicePredictor:
         self._in_flight: dict[tuple, threading.Event] = {}
         self._in_flight_lock = threading.Lock()
         self.encoded_slices = 0
+        self.decoder_calls = 0
+        self._decoded: OrderedDict[tuple, list[SlicePrediction]] = OrderedDict()
+        self._decoded_lock = threading.Lock()
 
     def use_model(self, model: LoadedModel) -> None:
         """Serve `model` from now on (a new trained version); requests in flight finish with the old one.
@@ -272,8 +279,48 @@ class SlicePredictor:
         multimask: bool = False,
         window: Window | None = None,
     ) -> list[SlicePrediction]:
-        """Like `predict`, for B candidate boxes (B, 4) sharing the same points, in one decoder call."""
-        _, decode, threshold = self._serving
+        """Like `predict`, for B candidate boxes (B, 4) sharing the same points, in one decoder call.
+
+        Answers without a mask prompt are remembered (DECODES_KEPT): a box-trained model's clicks on one slice
+        all decode the candidates of its first click, so an annotator's later clicks cost no decoder call.
+        """
+        model, decode, threshold = self._serving
+        key = None
+        if mask_input is None:
+            prompt = tuple(None if a is None else np.asarray(a).tobytes() for a in (points_xy, point_labels, boxes))
+            key = (volume.key, int(z), window, model.version, threshold, multimask, *prompt)
+            with self._decoded_lock:
+                remembered = self._decoded.get(key)
+                if remembered is not None:
+                    self._decoded.move_to_end(key)
+                    return [SlicePrediction(p.mask, p.low_res_logits, p.iou) for p in remembered]
+        answers = self._decode(
+            decode, threshold, volume, z, points_xy, point_labels, boxes, mask_input, multimask, window
+        )
+        if key is not None:
+            for answer in answers:
+                answer.mask.setflags(write=False)  # shared with later callers: edits must copy (they do)
+            with self._decoded_lock:
+                self._decoded[key] = answers
+                while len(self._decoded) > DECODES_KEPT:
+                    self._decoded.popitem(last=False)
+            answers = [SlicePrediction(p.mask, p.low_res_logits, p.iou) for p in answers]
+        return answers
+
+    def _decode(
+        self,
+        decode,
+        threshold: float,
+        volume: PreparedVolume,
+        z: int,
+        points_xy: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+        mask_input: torch.Tensor | None,
+        multimask: bool,
+        window: Window | None,
+    ) -> list[SlicePrediction]:
+        self.decoder_calls += 1
         geometry = self.geometry(volume, window)
         embedding = self.embedding(volume, z, window)
         if window is not None:
