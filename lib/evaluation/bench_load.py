@@ -2,14 +2,15 @@
 
     python -m lib.evaluation.bench_load --data sample-data/build --out bench-results [--quick]
 
-Each annotator is a thread with its own `MONAILabelClient` (the Slicer module's client) and its own image. It
-works like a person: it picks a structure, clicks its most interior point on the structure's middle slice (a
-first click on a new slice: the encoder runs), then adds clicks on that slice (the slice is encoded: only the
-decoder runs), with a think time between clicks, then moves to the next structure. Two phases, on one server:
-quiet (nothing else running) and loaded (a training round and a `foundation_uncertainty` scoring run are
-started first and are checked to be running throughout). Reports every failed request, the latency of clicks on
-encoded and on new slices (p50/p95/max), and the resident memory of the server process (the subprocesses that
-train and score are reported apart: they are separate processes with their own model).
+Each annotator is a thread with its own `MONAILabelClient` (the Slicer module's client) and its own image. It works
+like a person: it picks a structure, clicks its most interior point on the structure's middle slice (a first click
+on a new slice: the encoder runs), then adds clicks at random points of the structure on that slice (the slice is
+encoded: a click the mask already holds costs no decode, one outside it decodes the object there), with a think time
+between clicks, then moves to the next structure. Two phases, on one server: quiet (nothing else running) and loaded
+(a training round and a `foundation_uncertainty` scoring run are started first and are checked to be running
+throughout). Reports every failed request, the latency of clicks on encoded and on new slices (p50/p95/max), and the
+resident memory of the server process (the subprocesses that train and score are reported apart: they are separate
+processes with their own model).
 """
 
 from __future__ import annotations
