@@ -3,7 +3,8 @@
     python -m lib.evaluation.oracle_boxes --data sample-data/build --subjects sub-01,sub-03
 
 No propagation can beat it (it knows every slice's box), so it tells how much of a 3D Dice gap is the
-propagation's and how much is the model's on this data. Engine only, whole slices, bfloat16 encoder.
+propagation's and how much is the model's on this data. Engine only, whole slices, the server's defaults
+(float32 encoder, the model's mask threshold).
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def main() -> None:
     parser.add_argument("--subjects", default="sub-01,sub-03")
     args = parser.parse_args()
     labels = json.loads((args.data / "labels.json").read_text())
-    predictor = SlicePredictor(build_model("lite_medsam"), EmbeddingCache(4 << 30), encoder_autocast=True)
+    model = build_model("lite_medsam")
+    predictor = SlicePredictor(
+        model, EmbeddingCache(4 << 30), encoder_runtime="auto", mask_threshold=model.spec.mask_threshold
+    )
     store = VolumeStore(IntensityConfig())
     scores: dict[str, list[float]] = {name: [] for name in labels}
     for subject in args.subjects.split(","):
