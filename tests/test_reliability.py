@@ -19,7 +19,7 @@ import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from conftest import server_folders
+from conftest import QUIET_ENV, quiet_server_conf, server_folders
 from lib.atomic import writer_alive
 from lib.evaluation.server import ServerProcess
 from lib.model.versions import VersionStore
@@ -28,24 +28,14 @@ pytestmark = pytest.mark.slow
 
 
 def _conf(sample_data: Path, model_dir: Path) -> dict[str, str]:
-    return {
-        "labels": str(sample_data / "labels.json"),
-        "prefetch_slices": "0",
-        "compile_decoder": "false",
-        "model_dir": str(model_dir),
-        "train_every_labels": "0",
-        "train_interval_minutes": "0",
-        "max_megavoxels": "64",  # the sample volumes have 5.1 million voxels
-    }
-
-
-ENV = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    return quiet_server_conf(sample_data, model_dir, max_megavoxels="64")  # the samples have 5.1 million voxels
 
 
 @pytest.fixture(scope="module")
 def guarded(sample_data, tmp_path_factory):
     studies, log = server_folders(sample_data, tmp_path_factory, "-guarded")
-    with ServerProcess(studies, log, _conf(sample_data, tmp_path_factory.mktemp("model-guarded")), env=ENV) as server:
+    conf = _conf(sample_data, tmp_path_factory.mktemp("model-guarded"))
+    with ServerProcess(studies, log, conf, env=QUIET_ENV) as server:
         yield server
 
 
@@ -192,7 +182,7 @@ def test_sigkill_during_label_saves_loses_no_acknowledged_label(sample_data, lab
                 return
             acknowledged[image].append(in_flight[image])
 
-    server = ServerProcess(studies, log, conf, env=ENV).start()
+    server = ServerProcess(studies, log, conf, env=QUIET_ENV).start()
     try:
         threads = [threading.Thread(target=annotator, args=(image, server.url)) for image in images]
         for thread in threads:
@@ -210,7 +200,7 @@ def test_sigkill_during_label_saves_loses_no_acknowledged_label(sample_data, lab
             thread.join(timeout=60)
         server.stop()
 
-    with ServerProcess(studies, tmp_path / "restart.log", conf, env=ENV) as restarted:
+    with ServerProcess(studies, tmp_path / "restart.log", conf, env=QUIET_ENV) as restarted:
         objects = MONAILabelClient(restarted.url).datastore()["objects"]
         for image in images:
             stored = studies / "labels" / "final" / f"{image}.nii.gz"
@@ -265,7 +255,7 @@ def test_sigkill_during_training_and_during_publishing_leaves_a_served_model_tha
     conf = {**_conf(sample_data, model_dir), "train_steps": "30", "train_slice_step": "8"}
     versions = model_dir / "versions"
 
-    with ServerProcess(studies, log, conf, env=ENV) as server:
+    with ServerProcess(studies, log, conf, env=QUIET_ENV) as server:
         client = MONAILabelClient(server.url)
         for image in ("sub-01", "sub-02"):
             client.save_label(image, str(sample_data / "ground-truth" / f"{image}.nii.gz"), tag="final")
@@ -279,7 +269,7 @@ def test_sigkill_during_training_and_during_publishing_leaves_a_served_model_tha
 
     # The version store holds a written-but-unpublished version for 30 s, so the kill lands in that window on any
     # machine (polling for a write that takes milliseconds missed it on a loaded CI machine).
-    held = {**ENV, "MEDFOUNDATION_TEST_PAUSE_BEFORE_PUBLISH_S": "30"}
+    held = {**QUIET_ENV, "MEDFOUNDATION_TEST_PAUSE_BEFORE_PUBLISH_S": "30"}
     with ServerProcess(studies, tmp_path / "second.log", conf, env=held) as server:
         client = MONAILabelClient(server.url)
         client.train_start("foundation", {})
@@ -293,7 +283,7 @@ def test_sigkill_during_training_and_during_publishing_leaves_a_served_model_tha
     assert caught is not None, "the round ended before its version was seen being written"
     assert _served_model_loads(model_dir) == 0
 
-    with ServerProcess(studies, tmp_path / "third.log", conf, env=ENV) as server:
+    with ServerProcess(studies, tmp_path / "third.log", conf, env=QUIET_ENV) as server:
         client = MONAILabelClient(server.url)
         stats = client.info()["train_stats"]["foundation"]
         assert stats["served_version"] == 0 and [v["version"] for v in stats["versions"]] == [0]
