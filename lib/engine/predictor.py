@@ -285,27 +285,28 @@ class SlicePredictor:
         all decode the candidates of its first click, so an annotator's later clicks cost no decoder call.
         """
         model, decode, threshold = self._serving
-        key = None
-        if mask_input is None:
-            prompt = tuple(None if a is None else np.asarray(a).tobytes() for a in (points_xy, point_labels, boxes))
-            key = (volume.key, int(z), window, model.version, threshold, multimask, *prompt)
-            with self._decoded_lock:
-                remembered = self._decoded.get(key)
-                if remembered is not None:
-                    self._decoded.move_to_end(key)
-                    return [SlicePrediction(p.mask, p.low_res_logits, p.iou) for p in remembered]
-        answers = self._decode(
-            decode, threshold, volume, z, points_xy, point_labels, boxes, mask_input, multimask, window
-        )
-        if key is not None:
+        if mask_input is not None:  # a neighbour's logits: not worth remembering
+            return self._decode(
+                decode, threshold, volume, z, points_xy, point_labels, boxes, mask_input, multimask, window
+            )
+        prompt = tuple(None if a is None else np.asarray(a).tobytes() for a in (points_xy, point_labels, boxes))
+        key = (volume.key, int(z), window, model.version, threshold, multimask, *prompt)
+        with self._decoded_lock:
+            answers = self._decoded.get(key)
+            if answers is not None:
+                self._decoded.move_to_end(key)
+        if answers is None:
+            answers = self._decode(
+                decode, threshold, volume, z, points_xy, point_labels, boxes, None, multimask, window
+            )
             for answer in answers:
                 answer.mask.setflags(write=False)  # shared with later callers: edits must copy (they do)
             with self._decoded_lock:
                 self._decoded[key] = answers
                 while len(self._decoded) > DECODES_KEPT:
                     self._decoded.popitem(last=False)
-            answers = [SlicePrediction(p.mask, p.low_res_logits, p.iou) for p in answers]
-        return answers
+        # fresh wrappers: callers replace .mask (propagation's roi cut), which must not reach the remembered answer
+        return [SlicePrediction(p.mask, p.low_res_logits, p.iou) for p in answers]
 
     def _decode(
         self,

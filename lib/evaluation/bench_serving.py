@@ -155,10 +155,10 @@ def run(data: Path, out: Path, subjects: int, repeats: int) -> dict:
         # each repeat nudges the box by a pixel or two, as a person adjusting it does: the exact same prompt
         # is answered from the predictor's remembered decodes and would time no decoder at all
         nudges = itertools.cycle(itertools.product(range(-2, 3), range(-2, 3), range(-1, 2)))  # 75 boxes
+        x0, x1, y0, y1, z0, z1 = box_on_slice(truth, z)
         for key, extra in formats.items():
             for _ in range(repeats):
                 dx0, dy0, dx1 = next(nudges)
-                x0, x1, y0, y1, z0, z1 = box_on_slice(truth, z)
                 params = {"roi": [x0 + dx0, x1 + dx1, y0 + dy0, y1, z0, z1], **extra}
                 latency.setdefault(key, []).append(timed_infer(client, "foundation_2d", images[0], params)[0])
         peak_memory = memory.peak
