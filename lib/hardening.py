@@ -18,6 +18,9 @@
 4. The DICOMweb proxy (`/proxy/dicom/...`, what the bundled OHIF talks to) forwards GET requests without
    their query string: a study search by patient, date or `limit` came back as every study in the PACS.
    The query string is forwarded (metadata requests, which the proxy re-routes by their path's end, too).
+   A DICOM SEG stored through the proxy (OHIF's "Export DICOM SEG") is a new final label: the DICOMweb
+   datastore's cached listings are refreshed, as after a label saved through the server.
+5. The OHIF viewer's defects (lib.viewer).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from monailabel.config import settings
 from monailabel.endpoints import proxy
 from monailabel.endpoints.user import auth
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
+
+from lib import viewer
+from lib.datastore.dicomweb import refresh_listings
 
 logger = logging.getLogger(__name__)
 
@@ -196,17 +202,19 @@ _proxy_dicom = proxy.proxy_dicom
 async def proxy_dicom_with_query(request: Request, op: str, path: str):
     """MONAI Label's DICOMweb proxy, given the request's query string along with its path."""
     query = request.url.query
-    if not query:
-        return await _proxy_dicom(request, op, path)
-    if path.endswith("metadata") and op == "qido":  # the proxy sends these to WADO by the path's end
+    if query and path.endswith("metadata") and op == "qido":  # the proxy sends these to WADO by the path's end
         op = "wado"
-    return await _proxy_dicom(request, op, f"{path}?{query}")
+    answer = await _proxy_dicom(request, op, f"{path}?{query}" if query else path)
+    if request.method == "POST" and "studies" in path.split("/") and answer.status_code < 300:
+        refresh_listings()  # STOW-RS: a viewer stored instances, perhaps a SEG (a final label)
+    return answer
 
 
 def install(app: FastAPI) -> None:
     """Install the fixes in the running server (called once, from the app's on_init_complete)."""
     auth.from_token = verified_user  # get_current_user looks the name up at call time
     proxy.proxy_dicom = proxy_dicom_with_query  # the proxy routes look the name up at call time
+    viewer.install()
     app.add_exception_handler(json.JSONDecodeError, _bad_json)
     app.add_exception_handler(ImageNotFoundException, _not_found)
     app.add_exception_handler(LabelNotFoundException, _not_found)

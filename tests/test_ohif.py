@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom_seg
 import pytest
+from monailabel.client import MONAILabelClient
 
 from conftest import REPO, load_truth, pacs_server, require_private_network
 from lib.evaluation.ground_truth import centre_click
@@ -63,14 +65,14 @@ def ohif_setup(sample_data, tmp_path_factory):
     with OrthancProcess(work / "orthanc") as orthanc:
         series = {s.subject: s for s in load_sample_studies(orthanc, sample_data, work / "dicom", ["sub-01", "sub-02"])}
         with pacs_server(orthanc, sample_data, work, port=8000) as server:  # OHIF's panel expects port 8000
-            yield server, series, work
+            yield server, series, work, orthanc
 
 
 @pytest.fixture(scope="module")
 def page(ohif_setup):
     from playwright.sync_api import sync_playwright
 
-    _, _, work = ohif_setup
+    _, _, work, _ = ohif_setup
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
@@ -79,7 +81,11 @@ def page(ohif_setup):
             args=FLAGS,
             viewport={"width": 1400, "height": 900},
         )
-        yield browser.new_page()
+        page = browser.new_page()
+        with open(ARTIFACTS / "console.log", "w") as console:  # the viewer's own log, kept with the screenshots
+            page.on("console", lambda message: console.write(f"{message.type}: {message.text}\n"))
+            page.on("pageerror", lambda error: console.write(f"page error: {error}\n"))
+            yield page
         browser.close()
 
 
@@ -90,7 +96,7 @@ def shot(page, name: str) -> Path:
 
 
 def test_annotating_in_ohif_with_the_foundation_model(ohif_setup, page, sample_data, labels):
-    server, series, _ = ohif_setup
+    server, series, _, _ = ohif_setup
     page.goto(f"{server.url}/ohif/", wait_until="networkidle")
     page.get_by_text("sub-01", exact=True).first.wait_for(timeout=60_000)
     assert page.get_by_text("sub-02", exact=True).count() >= 1
@@ -149,4 +155,37 @@ def test_annotating_in_ohif_with_the_foundation_model(ohif_setup, page, sample_d
     shot(page, "05-next-sample")
     body = page.inner_text("body")
     assert series["sub-01"].series_uid in body or series["sub-02"].series_uid in body
+    page.keyboard.press("Escape")
+
+    # save the label: the segmentation panel's Export DICOM SEG stores it in the PACS through the server's proxy
+    page.locator("[data-cy='panelSegmentation-btn']").click()
+    page.locator("div:has(> button[role='combobox'])").first.locator("> button[aria-haspopup='menu']").first.click()
+    page.get_by_text("Export & Download").hover()
+    page.get_by_text("Export DICOM SEG").click()
+    page.get_by_text("Enter the report name").wait_for(timeout=30_000)
+    shot(page, "06-export-dicom-seg")
+    page.get_by_role("textbox").last.fill("left thalamus, foundation_2d")
+    stow = lambda r: r.request.method == "POST" and "/proxy/dicom/" in r.url  # noqa: E731
+    with page.expect_response(stow, timeout=120_000) as stored:
+        page.get_by_role("button", name="Save").click()
+    assert stored.value.status == 200, stored.value.text()
+    page.get_by_text("Segmentation saved successfully").wait_for(timeout=30_000)
+    shot(page, "07-label-saved")
+    time.sleep(2)
+    shot(page, "08-after-saving")
+    assert page.get_by_text("Something went wrong").count() == 0
+    assert page.evaluate(LABELMAP_VOXELS)["voxels"] == drawn["voxels"]  # the annotator keeps what they saved
+
+    # the PACS holds a SEG on the series with the drawn voxels as left_thalamus, and the server counts it
+    orthanc = ohif_setup[3]
+    (seg,) = orthanc.instances("SEG")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series["sub-01"].series_uid
+    segments = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
+    stored_mask = pydicom_seg.MultiClassReader().read(seg).data
+    by_name = {segments[n]: int((stored_mask == n).sum()) for n in segments}
+    assert by_name.pop("left_thalamus") == drawn["voxels"] and not any(by_name.values()), by_name
+    client = MONAILabelClient(server.url, str(ARTIFACTS))  # no client_id: the identity OHIF's panel has
+    assert client.info()["datastore"]["completed"] == 1
+    # whichever image the panel's Next Sample leased to this identity, the labelled one is done
+    assert client.next_sample("first", {})["id"] == series["sub-02"].series_uid
     (ARTIFACTS / "result.json").write_text(json.dumps({"infer_params": params, "labelmap": drawn}, indent=2))

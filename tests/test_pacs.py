@@ -7,9 +7,6 @@ one (`unshare --net`); a plain `pytest` leaves them out (pyproject's addopts).
 
 from __future__ import annotations
 
-import io
-import urllib.request
-
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -93,17 +90,6 @@ def test_foundation_segments_a_dicom_series(client, pacs, sample_data, labels):
     assert info["slices_segmented"] > 10 and dice(np.asarray(nib.load(path).dataobj) > 0, truth) > 0.5
 
 
-def _seg_instances(orthanc: OrthancProcess) -> list[pydicom.Dataset]:
-    found = []
-    for series_id in orthanc.get_json("/series"):
-        if orthanc.get_json(f"/series/{series_id}")["MainDicomTags"].get("Modality") != "SEG":
-            continue
-        for instance in orthanc.get_json(f"/series/{series_id}/instances"):
-            with urllib.request.urlopen(f"{orthanc.url}/instances/{instance['ID']}/file", timeout=30) as response:
-                found.append(pydicom.dcmread(io.BytesIO(response.read())))
-    return found
-
-
 def test_a_final_label_is_stored_in_the_pacs_as_a_dicom_seg_on_the_series_grid(
     client, pacs, sample_data, labels, tmp_path
 ):
@@ -113,7 +99,7 @@ def test_a_final_label_is_stored_in_the_pacs_as_a_dicom_seg_on_the_series_grid(
     label_info = [{"name": name, "idx": index} for name, index in labels.items()]
     client.save_label(image_id, str(truth_file), "final", {"label_info": label_info})
 
-    segs = _seg_instances(orthanc)
+    segs = orthanc.instances("SEG")
     assert len(segs) == 1
     seg = segs[0]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import subprocess
 import tempfile
@@ -169,6 +170,17 @@ class OrthancProcess:
     def get_json(self, path: str):
         with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as response:
             return json.loads(response.read())
+
+    def instances(self, modality: str) -> list[pydicom.Dataset]:
+        """Every stored instance of the series of this modality (e.g. "SEG"), read whole."""
+        found = []
+        for series_id in self.get_json("/series"):
+            if self.get_json(f"/series/{series_id}")["MainDicomTags"].get("Modality") != modality:
+                continue
+            for instance in self.get_json(f"/series/{series_id}/instances"):
+                with urllib.request.urlopen(f"{self.url}/instances/{instance['ID']}/file", timeout=30) as response:
+                    found.append(pydicom.dcmread(io.BytesIO(response.read())))
+        return found
 
     def stop(self) -> None:
         if self.process is not None:
