@@ -90,10 +90,10 @@ def require_private_network() -> None:
         )
 
 
-def pacs_server(orthanc, sample_data: Path, work: Path, port: int | None = None) -> ServerProcess:
+def pacs_server(orthanc, sample_data: Path, work: Path, port: int | None = None, **conf: str) -> ServerProcess:
     """`monailabel start_server --studies <Orthanc's DICOMweb>` with a fresh DICOMweb cache (not yet started)."""
     env = {**QUIET_ENV, "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache")}
-    conf = quiet_server_conf(sample_data, work / "model")
+    conf = quiet_server_conf(sample_data, work / "model", **conf)
     return ServerProcess(orthanc.dicomweb, work / "server.log", conf, port=port, env=env)
 
 

@@ -7,6 +7,8 @@ one (`unshare --net`); a plain `pytest` leaves them out (pyproject's addopts).
 
 from __future__ import annotations
 
+import time
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -14,11 +16,14 @@ import pydicom_seg
 import pytest
 import requests
 import SimpleITK as sitk
+from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
 
 from conftest import load_truth, pacs_server, require_private_network
+from lib.datastore.dicomweb import PacsDatastore, refresh_listings
 from lib.evaluation.ground_truth import box_on_slice, dice, middle_slice, roi_3d
 from lib.evaluation.pacs import OrthancProcess, load_sample_studies, series_affine, write_series
+from lib.trainers.foundation import labelled_images
 
 pytestmark = [pytest.mark.pacs, pytest.mark.slow]
 SUBJECTS = ("sub-01", "sub-02", "sub-03")
@@ -37,7 +42,9 @@ def pacs(sample_data, tmp_path_factory):
 def dicomweb_server(pacs, sample_data, tmp_path_factory):
     """`monailabel start_server --studies http://127.0.0.1:<port>/dicom-web`, nothing but the app's defaults."""
     orthanc, _ = pacs
-    with pacs_server(orthanc, sample_data, tmp_path_factory.mktemp("pacs-server")) as server:
+    work = tmp_path_factory.mktemp("pacs-server")
+    # a short training round: the test checks that labels in the PACS train, not how well
+    with pacs_server(orthanc, sample_data, work, train_steps="4", train_slice_step="16") as server:
         yield server
 
 
@@ -123,3 +130,83 @@ def test_a_final_label_is_stored_in_the_pacs_as_a_dicom_seg_on_the_series_grid(
     handed = {annotator.next_sample("first", {}).get("id") for annotator in annotators}
     assert image_id not in handed and handed & {series["sub-01"].series_uid, series["sub-03"].series_uid}
     assert client.info()["datastore"]["completed"] == 1
+
+
+def viewer_seg(series, sample_data, segments: dict[str, int], series_time: str) -> pydicom.Dataset:
+    """A DICOM SEG as a viewer writes it: its own segment numbers (1, 2, ...) and names ({name: truth value}),
+    frames only where a segment is (pydicom-seg, as dcmjs does)."""
+    truth = sitk.ReadImage(str(sample_data / "ground-truth" / f"{series.subject}.nii.gz"))
+    values = sitk.GetArrayFromImage(truth)
+    numbered = np.zeros_like(values, dtype=np.uint8)
+    for number, value in enumerate(segments.values(), start=1):
+        numbered[values == value] = number
+    image = sitk.GetImageFromArray(numbered)
+    image.CopyInformation(truth)
+    code = {"CodeValue": "85756007", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Tissue"}
+    attributes = [
+        {"labelID": n, "SegmentLabel": name, "SegmentAlgorithmType": "MANUAL",
+         "SegmentedPropertyCategoryCodeSequence": code, "SegmentedPropertyTypeCodeSequence": code}
+        for n, name in enumerate(segments, start=1)
+    ]  # fmt: skip
+    template = pydicom_seg.template.from_dcmqi_metainfo(
+        {"SeriesDescription": "viewer label", "SeriesNumber": "99", "InstanceNumber": "1",
+         "ContentCreatorName": "Viewer^Test", "segmentAttributes": [attributes]}
+    )  # fmt: skip
+    writer = pydicom_seg.MultiClassWriter(template, inplane_cropping=False, skip_empty_slices=True)
+    seg = writer.write(image, [str(f) for f in series.files])
+    seg.SeriesDate, seg.SeriesTime = "20261129", series_time
+    return seg
+
+
+def test_segs_stored_by_a_viewer_through_the_proxy_are_final_labels_that_train_a_round(
+    client, pacs, sample_data, labels, tmp_path
+):
+    """OHIF's Export DICOM SEG: a SEG stored by STOW-RS through the server's proxy, with the viewer's own segment
+    numbers, names that differ in case and spacing, and one name the app does not know."""
+    orthanc, series = pacs
+    url = client.get_server_url()
+    viewer = DICOMwebClient(url=f"{url}/proxy/dicom/wado")
+    first = {"Left Thalamus": labels["left_thalamus"], "left_putamen": labels["left_putamen"],
+             "tumour": labels["right_caudate"]}  # fmt: skip
+    viewer.store_instances([viewer_seg(series["sub-03"], sample_data, first, "120000")])
+    only_thalamus = {"left_thalamus": labels["left_thalamus"]}
+    viewer.store_instances([viewer_seg(series["sub-01"], sample_data, only_thalamus, "120000")])
+    # the listings follow at once (MONAI Label cached them for 2 hours): both images are labelled now
+    labelled = {series["sub-01"].series_uid, series["sub-03"].series_uid}
+    annotator = MONAILabelClient(url, str(tmp_path), client_id="after-the-viewer")
+    assert annotator.next_sample("first", {}).get("id") not in labelled
+    assert annotator.info()["datastore"]["completed"] >= 2
+
+    # the datastore the trainer reads: each SEG is a NIfTI label on the image grid, valued by segment name
+    datastore = PacsDatastore(DICOMwebClient(url=orthanc.dicomweb), {"Modality": "MR"}, str(tmp_path / "cache"))
+    datastore.labels = labels
+    refresh_listings()
+    found = {i.image_id: i for i in labelled_images(datastore)}
+    assert labelled <= found.keys()
+    sub03 = found[series["sub-03"].series_uid]
+    label, truth = nib.load(sub03.label_path), load_truth(sample_data, "sub-03")
+    assert np.allclose(label.affine, nib.load(sample_data / "studies" / "sub-03.nii.gz").affine, atol=1e-3)
+    stored = np.asarray(label.dataobj)
+    for name in ("left_thalamus", "left_putamen"):
+        assert dice(stored == labels[name], truth == labels[name]) > 0.99, name
+    assert set(np.unique(stored)) == {0, labels["left_thalamus"], labels["left_putamen"]}  # "tumour" left out
+    assert sub03.label_ts > 0
+
+    # a later SEG on the same series replaces the earlier one as its final label
+    viewer.store_instances([viewer_seg(series["sub-03"], sample_data, only_thalamus, "130000")])
+    refresh_listings()
+    newer = {i.image_id: i for i in labelled_images(datastore)}[series["sub-03"].series_uid]
+    assert newer.label_ts > sub03.label_ts
+    assert set(np.unique(np.asarray(nib.load(newer.label_path).dataobj))) == {0, labels["left_thalamus"]}
+
+    # and the server trains on them: a round runs on every labelled series of the PACS
+    client.train_start("foundation", {})
+    deadline, stats = time.time() + 600, {}
+    while time.time() < deadline:
+        stats = client.info()["train_stats"]["foundation"]
+        if stats["total"] > 1:
+            break
+        time.sleep(3)
+    assert stats["total"] > 1, stats
+    used = stats["versions"][1]["labels_used"]
+    assert labelled <= used.keys(), used

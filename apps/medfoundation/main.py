@@ -119,14 +119,15 @@ class MedFoundationApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         """A local folder gets the checked, atomic, history-keeping datastore; DICOMweb is MONAI Label's with
-        its listing defects worked around (lib.datastore.dicomweb)."""
+        its listing and label defects worked around (lib.datastore.dicomweb)."""
         if self.studies.startswith(("http://", "https://")):
             if monailabel_settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER == MONAILABEL_SEARCH_FILTER:  # CT only
                 filter_ = search_filter(self.settings.dicomweb_modalities)
                 monailabel_settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER = filter_
             store = super().init_datastore()
             if isinstance(store, DICOMWebDatastore):
-                store.__class__ = PacsDatastore  # a subclass without state of its own: only save_label differs
+                store.__class__ = PacsDatastore  # a subclass with no state of its own but the label names
+                store.labels = dict(self.settings.labels)
             return store
         return SafeLocalDatastore(
             self.studies,
