@@ -159,7 +159,7 @@ def viewer_seg(series, sample_data, segments: dict[str, int], series_time: str) 
 
 
 def test_segs_stored_by_a_viewer_through_the_proxy_are_final_labels_that_train_a_round(
-    client, pacs, sample_data, labels, tmp_path
+    client, pacs, sample_data, labels, tmp_path, caplog
 ):
     """OHIF's Export DICOM SEG: a SEG stored by STOW-RS through the server's proxy, with the viewer's own segment
     numbers, names that differ in case and spacing, and one name the app does not know."""
@@ -210,3 +210,13 @@ def test_segs_stored_by_a_viewer_through_the_proxy_are_final_labels_that_train_a
     assert stats["total"] > 1, stats
     used = stats["versions"][1]["labels_used"]
     assert labelled <= used.keys(), used
+
+    # a SEG that cannot be read as a label map (overlapping segments) leaves its series out, and only it
+    broken = viewer_seg(series["sub-01"], sample_data, only_thalamus, "140000")
+    broken.SegmentsOverlap = "YES"
+    viewer.store_instances([broken])
+    refresh_listings()
+    with caplog.at_level("WARNING"):
+        readable = {i.image_id for i in labelled_images(datastore)}
+    assert series["sub-03"].series_uid in readable and series["sub-01"].series_uid not in readable
+    assert "overlapping" in caplog.text and str(broken.SeriesInstanceUID) in caplog.text

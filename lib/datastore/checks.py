@@ -32,6 +32,10 @@ class UploadError(ValueError):
         self.status = status
 
 
+class UnreadableLabel(ValueError):
+    """A stored label that cannot be read as a label map (it stays where it is; training leaves it out)."""
+
+
 @dataclass(frozen=True)
 class LabelSummary:
     """What a checked label holds: voxels per label value (background left out)."""

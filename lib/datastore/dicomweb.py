@@ -35,6 +35,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.atomic import replace_atomic
+from lib.datastore.checks import UnreadableLabel
 
 logger = logging.getLogger(__name__)
 FINAL = DefaultLabelTag.FINAL.value
@@ -113,8 +114,13 @@ class PacsDatastore(DICOMWebDatastore):
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             instances = self._client.retrieve_series(seg.study_uid, seg.series_uid)
-            (instance,) = [i for i in instances if "SegmentSequence" in i]
-            label = seg_on_image(instance, self.get_image_uri(seg.image_uid), self.labels)
+            segs = [i for i in instances if "SegmentSequence" in i]
+            if len(segs) != 1:
+                raise UnreadableLabel(f"SEG series {seg.series_uid} holds {len(segs)} SEG instances, not 1")
+            try:
+                label = seg_on_image(segs[0], self.get_image_uri(seg.image_uid), self.labels)
+            except (ValueError, KeyError, AttributeError, RuntimeError) as error:  # pydicom-seg's and ITK's
+                raise UnreadableLabel(f"SEG {seg.series_uid} does not decode as a label map: {error}") from error
             replace_atomic(path, lambda f: f.write(gzip.compress(label.to_bytes(), 6)), binary=True)
             logger.info("final label of %s: SEG %s, on the image grid in %s", seg.image_uid, seg.series_uid, path)
         return str(path)

@@ -16,6 +16,7 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.datastore.checks import UnreadableLabel
 from lib.engine.continual import LabelledImage, RoundConfig, RoundError, run_round
 from lib.engine.embedding_store import EmbeddingStore
 from lib.engine.service import SegmentationService
@@ -25,21 +26,22 @@ logger = logging.getLogger(__name__)
 
 
 def labelled_images(datastore: Datastore) -> list[LabelledImage]:
-    """Every image with a final label, with the label's save time (so re-submitted labels count as new)."""
+    """Every image with a final label, with the label's save time (so re-submitted labels count as new).
+
+    A label that cannot be read (a SEG in the PACS that does not decode, say) is left out with a warning that
+    names it: one bad label must not stop every round."""
     images = []
     for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL.value)):
         label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL.value)
         if not label_id:
             continue
         info = datastore.get_label_info(label_id, DefaultLabelTag.FINAL.value) or {}
-        images.append(
-            LabelledImage(
-                image_id,
-                datastore.get_image_uri(image_id),
-                datastore.get_label_uri(label_id, DefaultLabelTag.FINAL.value),
-                float(info.get("ts", 0)),
-            )
-        )
+        try:
+            label_path = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL.value)
+        except UnreadableLabel as error:
+            logger.warning("final label %s of %s left out of training: %s", label_id, image_id, error)
+            continue
+        images.append(LabelledImage(image_id, datastore.get_image_uri(image_id), label_path, float(info.get("ts", 0))))
     return images
 
 
