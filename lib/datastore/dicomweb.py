@@ -2,7 +2,8 @@
 
 * MONAI Label 0.8.5 caches its series listings for `MONAI_LABEL_DICOMWEB_CACHE_EXPIRY` (2 h): after a final
   label is stored in the PACS as a DICOM SEG, the image still counted as unlabelled, so every strategy
-  handed the labelled image out again for two hours. Here the listings are refreshed after each save.
+  handed the labelled image out again for two hours. Here the listings are refreshed after each save, and
+  after each store through the server's DICOMweb proxy (lib.hardening).
 * A DICOM SEG stored in the PACS by a viewer (OHIF's "Export DICOM SEG", lib.viewer) is a final label, but
   MONAI Label's datastore knew only the labels saved through it: its SEG listing counted the image as labelled
   while no label could be read for it, so training skipped it. It also decoded a SEG to a volume covering only
@@ -50,7 +51,9 @@ class SegLabel:
     series_uid: str
     study_uid: str
     image_uid: str
-    ts: float  # when it was written (series, else content date and time), seconds since the epoch
+    # when it was written (series, else content date and time), seconds since the epoch; DICOM times carry no
+    # zone and are read as UTC, which orders the SEGs of one site
+    ts: float
 
 
 def _dicom_time(meta: Dataset) -> float:
