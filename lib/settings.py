@@ -77,6 +77,7 @@ class AppSettings:
     prefetch_slices: int = 48  # slices pre-encoded when an image is handed out (0: off)
     propagation_margin: int = 3  # pixels around the previous slice's mask box
     propagation_mask_prompt: bool = False  # previous slice's logits as mask prompt (measured worse)
+    propagation_end_taper: bool = True  # narrow the box towards the roi's z-ends (lib.engine.interactive)
     click_corrections: bool = True  # edit masks to agree with every click (off: the model's mask as it is)
     focus_context: float = 3.0  # 2D box prompts: segment a window this many times the box (0: whole slice)
     # the image encoder: float32 on OpenVINO (auto, on a CPU) answers exactly as torch float32 at bf16 torch's speed;
@@ -141,7 +142,13 @@ class AppSettings:
                 values[key] = _number(key, raw, float, 0.0)
             elif key == "mask_threshold":
                 values[key] = _number(key, raw, float, -20.0)
-            elif key in ("propagation_mask_prompt", "encoder_bf16", "compile_decoder", "click_corrections"):
+            elif key in (
+                "propagation_mask_prompt",
+                "propagation_end_taper",
+                "encoder_bf16",
+                "compile_decoder",
+                "click_corrections",
+            ):
                 values[key] = _bool(key, raw)
             elif key == "dicomweb_modalities":
                 names = tuple(m.strip().upper() for m in str(raw).split(",") if m.strip())

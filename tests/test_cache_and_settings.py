@@ -58,6 +58,10 @@ def test_bad_conf_values_name_the_key(conf, message):
 def test_defaults_and_passthrough_keys():
     settings = AppSettings.from_conf({"server_mode": "true", "cache_mb": "64", "ct_window": "50,350"})
     assert settings.model == "lite_medsam" and settings.cache_mb == 64 and settings.ct_window == (50.0, 350.0)
+    assert (
+        settings.propagation_end_taper
+        and not AppSettings.from_conf({"propagation_end_taper": "false"}).propagation_end_taper
+    )
 
 
 def test_mask_threshold_is_the_models_unless_the_conf_sets_one():

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import load_truth
 from lib.engine.cache import EmbeddingCache
-from lib.engine.interactive import clip_to_roi, propagate, segment_2d
+from lib.engine.interactive import clip_to_roi, propagate, segment_2d, tapered_box
 from lib.engine.predictor import SlicePredictor
 from lib.engine.preprocessing import IntensityConfig, intensity_bounds, to_uint8
 from lib.engine.prompts import Prompt
@@ -124,3 +124,18 @@ def test_propagated_masks_are_cut_to_the_roi_box_with_slack():
     ys, xs = np.nonzero(cut)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (5, 24, 15, 34)
     assert clip_to_roi(flood, prompt, 0.0).sum() == 100
+
+
+def test_the_box_narrows_towards_the_rois_z_ends_around_its_own_centre():
+    # roi: a 41 x 21 in-plane box, slices 10..30, prompted at 20 (D = 11 on both sides)
+    prompt = Prompt.from_request({"roi": [100, 140, 50, 70, 10, 30]}, (256, 256, 64))
+    box = np.asarray([98, 48, 142, 72])  # the previous mask's box + margin, a little wider than the roi's
+    near = tapered_box(box, prompt, 20, 21, margin=3)  # scale 1 - (1/11)^2: limits 46.6 x 26.8, above the box
+    assert np.array_equal(near, box)
+    end = tapered_box(box, prompt, 20, 30, margin=3)  # scale 1 - (10/11)^2 = 0.17: 7.0 + 6 by 3.6 + 6
+    assert np.array_equal(end, [114, 56, 126, 64]), end
+    assert np.allclose((end[:2] + end[2:]) / 2, (box[:2] + box[2:]) / 2)
+    below = tapered_box(box, prompt, 20, 10, margin=3)  # the other side of the prompted slice narrows the same
+    assert np.array_equal(below, end)
+    small = np.asarray([118, 58, 122, 62])
+    assert np.array_equal(tapered_box(small, prompt, 20, 29, margin=3), small)  # never widens a box

@@ -44,6 +44,10 @@ class PropagationConfig:
         fraction of its size on each side (<0: no cut). The roi's box is the prompted slice's, and a
         structure's other slices reach a little beyond it; natural-image models (MobileSAM) otherwise
         flood whole slices (3D Dice 0.07 -> 0.34 on sub-01/02 at 0.25; LiteMedSAM 0.599 -> 0.602).
+    end_taper: with an roi, the next slice's box is also held within an envelope that narrows towards the
+        roi's z-ends (`tapered_box`). The model fills the box it is given, so without it a mask shrank more
+        slowly than the structure at its ends (LiteMedSAM 3D Dice 0.599 -> 0.636 on sub-01..03, 0.612 ->
+        0.635 on sub-04/05).
     """
 
     margin: int = 3
@@ -57,6 +61,7 @@ class PropagationConfig:
     first_context: float = 0.0
     click_corrections: bool = True
     roi_slack: float = 0.25
+    end_taper: bool = True
 
 
 @dataclass
@@ -197,6 +202,20 @@ def clip_to_roi(mask: np.ndarray, prompt: Prompt, slack: float) -> np.ndarray:
     return mask & inside
 
 
+def tapered_box(box: np.ndarray, prompt: Prompt, z0: int, z: int, margin: int) -> np.ndarray:
+    """(4,) x0, y0, x1, y1: `box` around its own centre, no wider or taller than the roi's in-plane box scaled by
+    1 - (d / D)^2 (plus `margin` on each side), d = |z - z0|, D = the distance from z0 to the roi's end on z's
+    side, plus one. Near z0 that leaves the box as it is; at the roi's last slice it is a small fraction of the
+    roi's box (a structure narrows towards its ends; an ellipsoid's cross-sections scale as the root of this)."""
+    far = int(prompt.roi[5] if z > z0 else prompt.roi[4])
+    scale = max(0.0, 1.0 - (abs(z - z0) / (abs(far - z0) + 1)) ** 2)
+    x0, y0, x1, y1 = prompt.box_2d()
+    limit = np.maximum(3.0, scale * np.asarray([x1 - x0 + 1, y1 - y0 + 1])) + 2 * margin
+    centre = (box[:2] + box[2:]) / 2
+    half = (np.minimum(box[2:] - box[:2] + 1, limit) - 1) / 2
+    return np.concatenate([np.round(centre - half), np.round(centre + half)]).astype(np.int64)
+
+
 def correct(
     predictor: SlicePredictor,
     volume: PreparedVolume,
@@ -243,6 +262,8 @@ def propagate(
                 box = bounding_box(previous_reach)
                 assert box is not None
                 box = grow_box(box, config.margin, width, height)
+                if config.end_taper and prompt.roi is not None:
+                    box = tapered_box(box, prompt, z0, z, config.margin)
                 window = focus(box, volume, config.context)
                 if window is None:  # whole slices: encode a few ahead in one go
                     ahead = [z + step * i for i in range(config.prefetch) if z_low <= z + step * i <= z_high]
