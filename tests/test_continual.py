@@ -31,6 +31,9 @@ pytestmark = pytest.mark.slow
 
 # fewer steps than a real round, on every 4th labelled slice: enough to learn every label a little
 TEST_TRAIN = TrainConfig(steps=120, slice_step=4)
+# the server's round must leave a head that finds most structures in a new volume: after 120 steps it found 4
+# of 10 in one CI run (6 or more in others; CPU training is not bit-reproducible), so it gets twice that
+SERVER_TRAIN_STEPS = 2 * TEST_TRAIN.steps
 
 
 def _image(sample_data, subject, label_dir=None):
@@ -91,7 +94,7 @@ def learning_server(sample_data, tmp_path_factory):
         "model_dir": str(tmp_path_factory.mktemp("model-continual")),
         "train_every_labels": "2",
         "train_interval_minutes": "0",
-        "train_steps": str(TEST_TRAIN.steps),
+        "train_steps": str(SERVER_TRAIN_STEPS),
         "train_slice_step": str(TEST_TRAIN.slice_step),
     }
     with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as process:
@@ -153,7 +156,7 @@ def test_labels_saved_by_a_client_train_a_version_that_segments_a_new_volume(lea
     scores = {name: dice(predicted == value, truth == value) for name, value in labels.items()}
     assert len(params["labels_found"]) >= 6, params
     # one training volume and 120 steps: 0.28 in one CI run, above 0.3 in earlier ones (CPU training is not
-    # bit-reproducible); a head that learned nothing scores ~0.01. Quality is bench-learning's to measure.
+    # bit-reproducible), now 240 steps; a head that learned nothing scores ~0.01. Quality is bench-learning's.
     assert np.mean(list(scores.values())) > 0.2, scores
 
     # a request rolls back to the zero-shot base model; nothing is deleted
