@@ -96,6 +96,10 @@ class PacsDatastore(DICOMWebDatastore):
                 newest[image] = label
         return newest
 
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        """The image series with a SEG: `seg_labels`' scan, not a second one of MONAI Label's own."""
+        return sorted(self.seg_labels())
+
     def _seg(self, label_id: str) -> SegLabel | None:
         return next((s for s in self.seg_labels().values() if s.series_uid == label_id), None)
 
