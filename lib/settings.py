@@ -78,6 +78,9 @@ class AppSettings:
     propagation_margin: int = 3  # pixels around the previous slice's mask box
     propagation_mask_prompt: bool = False  # previous slice's logits as mask prompt (measured worse)
     propagation_end_taper: bool = True  # narrow the box towards the roi's z-ends (lib.engine.interactive)
+    # cut propagated masks to the roi's in-plane box grown by this fraction a side (<0: no cut); None: the
+    # model's own (LiteMedSAM 0.5, SAM family 0.25)
+    propagation_roi_slack: float | None = None
     click_corrections: bool = True  # edit masks to agree with every click (off: the model's mask as it is)
     focus_context: float = 3.0  # 2D box prompts: segment a window this many times the box (0: whole slice)
     # the image encoder: float32 on OpenVINO (auto, on a CPU) answers exactly as torch float32 at bf16 torch's speed;
@@ -108,6 +111,15 @@ class AppSettings:
         from lib.model.registry import MODEL_REGISTRY
 
         return MODEL_REGISTRY[self.model].mask_threshold
+
+    @property
+    def roi_slack(self) -> float:
+        """How far beyond the roi's in-plane box a propagated mask may reach (fraction of the box a side)."""
+        if self.propagation_roi_slack is not None:
+            return self.propagation_roi_slack
+        from lib.model.registry import MODEL_REGISTRY
+
+        return MODEL_REGISTRY[self.model].roi_slack
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
@@ -142,6 +154,8 @@ class AppSettings:
                 values[key] = _number(key, raw, float, 0.0)
             elif key == "mask_threshold":
                 values[key] = _number(key, raw, float, -20.0)
+            elif key == "propagation_roi_slack":
+                values[key] = _number(key, raw, float, -1.0)
             elif key in (
                 "propagation_mask_prompt",
                 "propagation_end_taper",

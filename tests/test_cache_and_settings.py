@@ -64,6 +64,14 @@ def test_defaults_and_passthrough_keys():
     )
 
 
+def test_roi_slack_is_the_models_unless_the_conf_sets_one():
+    assert AppSettings().roi_slack == 0.5  # LiteMedSAM: the hippocampi reach beyond the middle slice's box
+    assert AppSettings.from_conf({"model": "mobile_sam"}).roi_slack == 0.25  # natural-image SAMs flood
+    assert AppSettings.from_conf({"propagation_roi_slack": "-1"}).roi_slack == -1.0  # no cut
+    with pytest.raises(ConfError, match="propagation_roi_slack"):
+        AppSettings.from_conf({"propagation_roi_slack": "wide"})
+
+
 def test_mask_threshold_is_the_models_unless_the_conf_sets_one():
     assert AppSettings().decoder_threshold == -1.5  # LiteMedSAM's calibrated threshold
     assert AppSettings.from_conf({"model": "mobile_sam"}).decoder_threshold == 0.0  # SAM's

@@ -83,6 +83,7 @@ class MedFoundationApp(MONAILabelApp):
                     margin=self.settings.propagation_margin,
                     use_mask_prompt=self.settings.propagation_mask_prompt,
                     end_taper=self.settings.propagation_end_taper,
+                    roi_slack=self.settings.roi_slack,
                     first_context=self.settings.focus_context,  # the prompted slice gets what 2D would give
                     click_corrections=self.settings.click_corrections,
                 ),

@@ -43,7 +43,8 @@ class PropagationConfig:
     roi_slack: with an roi, a propagated slice's mask is cut to the roi's in-plane box grown by this
         fraction of its size on each side (<0: no cut). The roi's box is the prompted slice's, and a
         structure's other slices reach a little beyond it; natural-image models (MobileSAM) otherwise
-        flood whole slices (3D Dice 0.07 -> 0.34 on sub-01/02 at 0.25; LiteMedSAM 0.599 -> 0.602).
+        flood whole slices (3D Dice 0.07 -> 0.34 on sub-01/02 at 0.25). The server takes each model's own
+        (ModelSpec.roi_slack): LiteMedSAM's is 0.5, as 0.25 cut off the curved hippocampi.
     end_taper: with an roi, the next slice's box is also held within an envelope that narrows towards the
         roi's z-ends (`tapered_box`). The model fills the box it is given, so without it a mask shrank more
         slowly than the structure at its ends (LiteMedSAM 3D Dice 0.599 -> 0.636 on sub-01..03, 0.612 ->

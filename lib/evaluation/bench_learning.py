@@ -44,8 +44,10 @@ def held_out_scores(
     predictor: SlicePredictor, volumes: VolumeStore, data: Path, subjects: list[str], labels: dict[str, int]
 ) -> dict:
     """Mean 3D Dice per label over the held-out subjects, automatic and box-prompted."""
-    settings = AppSettings()
-    propagation = PropagationConfig(margin=settings.propagation_margin, first_context=settings.focus_context)
+    settings = AppSettings(model=predictor.model.spec.name)  # the server's defaults for this model
+    propagation = PropagationConfig(
+        margin=settings.propagation_margin, first_context=settings.focus_context, roi_slack=settings.roi_slack
+    )
     auto: dict[str, list[float]] = {n: [] for n in labels}
     boxed: dict[str, list[float]] = {n: [] for n in labels}
     seconds = {"auto": 0.0, "prompted": 0.0}
