@@ -119,7 +119,9 @@ def run(data: Path, out: Path, subjects: int, repeats: int) -> dict:
                 seconds, mask, _ = timed_infer(client, "foundation_2d", image, {"foreground": [click]})
                 latency.setdefault("click_only_cached", []).append(seconds)
                 per_structure[name].setdefault("dice_2d_click", []).append(dice(mask[:, :, z], truth[:, :, z]))
-                seconds, mask, info = timed_infer(client, "foundation", image, {"roi": roi_3d(truth)})
+                # the box is the middle slice's, so propagation starts there (as the simulated annotator does);
+                # with the roi alone the server starts at (z0 + z1) // 2, one slice off when the extent is even
+                seconds, mask, info = timed_infer(client, "foundation", image, {"roi": roi_3d(truth), "slice": z})
                 per_structure[name].setdefault("dice_3d_box", []).append(dice(mask, truth))
                 propagation.append({"image": image, "structure": name, "seconds": seconds, **info})
                 logger.info(
@@ -142,7 +144,7 @@ def run(data: Path, out: Path, subjects: int, repeats: int) -> dict:
             )
             latency.setdefault("first_click_cold_slice_click_only", []).append(seconds)
         truth = truth_all == labels[next(iter(labels))]
-        seconds, _, info = timed_infer(client, "foundation", cold, {"roi": roi_3d(truth)})
+        seconds, _, info = timed_infer(client, "foundation", cold, {"roi": roi_3d(truth), "slice": middle_slice(truth)})
         cold_propagation = {"seconds": seconds, **info}
         # repeated clicks on an encoded slice, in the formats the clients ask for
         truth = np.asarray(nib.load(data / "ground-truth" / f"{images[0]}.nii.gz").dataobj) == 1
