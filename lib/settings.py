@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lib.model.registry import MODEL_REGISTRY, ModelSpec
 from lib.model.runtime import RUNTIMES
 
 DEFAULT_LABELS = {"structure": 1}
@@ -104,22 +105,19 @@ class AppSettings:
     lease_minutes: float = 30.0  # an image handed to one annotator is not handed to another for this long (0: off)
 
     @property
+    def model_spec(self) -> ModelSpec:
+        """The registry's entry for `model`: the defaults a conf key leaves to the model."""
+        return MODEL_REGISTRY[self.model]
+
+    @property
     def decoder_threshold(self) -> float:
         """The mask threshold in force before any trained version calibrates its own."""
-        if self.mask_threshold is not None:
-            return self.mask_threshold
-        from lib.model.registry import MODEL_REGISTRY
-
-        return MODEL_REGISTRY[self.model].mask_threshold
+        return self.model_spec.mask_threshold if self.mask_threshold is None else self.mask_threshold
 
     @property
     def roi_slack(self) -> float:
         """How far beyond the roi's in-plane box a propagated mask may reach (fraction of the box a side)."""
-        if self.propagation_roi_slack is not None:
-            return self.propagation_roi_slack
-        from lib.model.registry import MODEL_REGISTRY
-
-        return MODEL_REGISTRY[self.model].roi_slack
+        return self.model_spec.roi_slack if self.propagation_roi_slack is None else self.propagation_roi_slack
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
