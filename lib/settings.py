@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ def _number(key: str, value: str, kind: type, minimum: float) -> Any:
         number = kind(value)
     except (TypeError, ValueError):
         raise ConfError(f"--conf {key} {value!r}: expected a {kind.__name__}") from None
+    if not math.isfinite(number):  # nan passes every comparison below
+        raise ConfError(f"--conf {key} {value!r}: expected a finite number")
     if number < minimum:
         raise ConfError(f"--conf {key} {value!r}: must be at least {minimum}")
     return number
@@ -82,6 +85,9 @@ class AppSettings:
     # cut propagated masks to the roi's in-plane box grown by this fraction a side (<0: no cut); None: the
     # model's own (LiteMedSAM 0.5, SAM family 0.25)
     propagation_roi_slack: float | None = None
+    # move each propagated box towards the centre a sagittal and a coronal cut show, by at most this many pixels
+    propagation_plane_guide: float = 2.0
+    propagation_smooth: float = 1.0  # Gaussian sigma (voxels) that smooths the propagated 3D mask (0: off)
     click_corrections: bool = True  # edit masks to agree with every click (off: the model's mask as it is)
     focus_context: float = 3.0  # 2D box prompts: segment a window this many times the box (0: whole slice)
     # the image encoder: float32 on OpenVINO (auto, on a CPU) answers exactly as torch float32 at bf16 torch's speed;
@@ -154,6 +160,8 @@ class AppSettings:
                 values[key] = _number(key, raw, float, -20.0)
             elif key == "propagation_roi_slack":
                 values[key] = _number(key, raw, float, -1.0)
+            elif key in ("propagation_plane_guide", "propagation_smooth"):
+                values[key] = _number(key, raw, float, 0.0)
             elif key in (
                 "propagation_mask_prompt",
                 "propagation_end_taper",

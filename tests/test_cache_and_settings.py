@@ -72,6 +72,15 @@ def test_roi_slack_is_the_models_unless_the_conf_sets_one():
         AppSettings.from_conf({"propagation_roi_slack": "wide"})
 
 
+def test_plane_guidance_and_smoothing_are_on_by_default_and_can_be_turned_off():
+    assert (AppSettings().propagation_plane_guide, AppSettings().propagation_smooth) == (2.0, 1.0)
+    off = AppSettings.from_conf({"propagation_plane_guide": "0", "propagation_smooth": "0"})
+    assert (off.propagation_plane_guide, off.propagation_smooth) == (0.0, 0.0)
+    for bad in ("-1", "nan", "inf", "wide"):
+        with pytest.raises(ConfError, match="propagation_smooth"):
+            AppSettings.from_conf({"propagation_smooth": bad})
+
+
 def test_mask_threshold_is_the_models_unless_the_conf_sets_one():
     assert AppSettings().decoder_threshold == -1.5  # LiteMedSAM's calibrated threshold
     assert AppSettings.from_conf({"model": "mobile_sam"}).decoder_threshold == 0.0  # SAM's

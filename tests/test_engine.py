@@ -6,11 +6,19 @@ import pytest
 
 from conftest import load_truth
 from lib.engine.cache import EmbeddingCache
-from lib.engine.interactive import clip_to_roi, propagate, segment_2d, tapered_box
+from lib.engine.interactive import (
+    clip_to_roi,
+    nudge_centre,
+    plane_centres,
+    propagate,
+    segment_2d,
+    smooth_mask,
+    tapered_box,
+)
 from lib.engine.predictor import SlicePredictor
 from lib.engine.preprocessing import IntensityConfig, intensity_bounds, to_uint8
 from lib.engine.prompts import Prompt
-from lib.engine.volumes import ImageReadError, ImageTooLarge, VolumeStore
+from lib.engine.volumes import ImageReadError, ImageTooLarge, PreparedVolume, VolumeStore
 from lib.evaluation.ground_truth import box_on_slice, centre_click, dice, middle_slice, roi_3d
 
 
@@ -139,3 +147,49 @@ def test_the_box_narrows_towards_the_rois_z_ends_around_its_own_centre():
     assert np.array_equal(below, end)
     small = np.asarray([118, 58, 122, 62])
     assert np.array_equal(tapered_box(small, prompt, 20, 29, margin=3), small)  # never widens a box
+
+
+def test_plane_views_are_the_same_voxels_superior_up():
+    data = np.arange(5 * 6 * 7, dtype=np.uint8).reshape(5, 6, 7)  # (X, Y, Z)
+    volume = PreparedVolume("k", data, np.eye(4), "MR")
+    sagittal, coronal = volume.plane_view("sagittal"), volume.plane_view("coronal")
+    assert sagittal.key != volume.key != coronal.key  # their embeddings are cached apart
+    assert sagittal.slice_image(2).shape == (7, 6) and coronal.slice_image(4).shape == (7, 5)  # (Z, Y), (Z, X)
+    for row in range(7):  # the first row is the last z
+        assert np.array_equal(sagittal.slice_image(2)[row], data[2, :, 6 - row])
+        assert np.array_equal(coronal.slice_image(4)[row], data[:, 4, 6 - row])
+
+
+def test_the_box_moves_towards_the_cuts_centre_by_at_most_the_limit():
+    box = np.asarray([10, 20, 20, 30])  # centre (15, 25)
+    assert np.array_equal(nudge_centre(box, (25.0, 24.0), 2.0), [12, 19, 22, 29])  # x by +2 (capped), y by -1
+    assert np.array_equal(nudge_centre(box, (None, 40.0), 2.0), [10, 22, 20, 32])  # x unknown: stays
+    assert np.array_equal(nudge_centre(box, None, 2.0), box)
+
+
+def test_smoothing_fills_a_missed_slice_drops_a_stray_one_and_keeps_clicked_slices():
+    mask = np.zeros((30, 30, 20), bool)
+    mask[10:20, 10:20, 4:16] = True
+    mask[:, :, 9] = False  # one slice the decoder lost
+    mask[2:5, 2:5, 12] = True  # a stray blob on one slice
+    smoothed = smooth_mask(mask, 1.0, keep=[])
+    assert smoothed[12:18, 12:18, 9].all() and not smoothed[2:5, 2:5, 12].any()
+    kept = smooth_mask(mask, 1.0, keep=[9])
+    assert not kept[:, :, 9].any()  # a slice with clicks keeps its click-edited mask
+    assert smooth_mask(mask, 0.0, keep=[]) is mask
+
+
+def test_the_sagittal_and_coronal_cuts_find_the_structures_centre_on_its_slices(engine, labels):
+    predictor, volume, truth = engine
+    structure = truth == labels["left_thalamus"]
+    roi = roi_3d(structure)
+    centres = plane_centres(predictor, volume, Prompt.from_request({"roi": roi}, volume.shape), context=3.0)
+    assert sorted(centres) == list(range(roi[4], roi[5] + 1))
+    xc, yc = (roi[0] + roi[1]) // 2, (roi[2] + roi[3]) // 2
+    errors = []
+    for z, (x, y) in centres.items():  # against the truth's own extent along the same two lines
+        xs, ys = np.nonzero(structure[:, yc, z])[0], np.nonzero(structure[xc, :, z])[0]
+        if len(xs) and len(ys) and x is not None and y is not None:
+            errors += [abs(x - (xs.min() + xs.max()) / 2), abs(y - (ys.min() + ys.max()) / 2)]
+    assert len(errors) >= len(centres)  # most slices show the structure in both cuts
+    assert np.median(errors) <= 2.0, errors

@@ -84,6 +84,8 @@ class MedFoundationApp(MONAILabelApp):
                     use_mask_prompt=self.settings.propagation_mask_prompt,
                     end_taper=self.settings.propagation_end_taper,
                     roi_slack=self.settings.roi_slack,
+                    plane_guide=self.settings.propagation_plane_guide,
+                    smooth_sigma=self.settings.propagation_smooth,
                     first_context=self.settings.focus_context,  # the prompted slice gets what 2D would give
                     click_corrections=self.settings.click_corrections,
                 ),

@@ -53,6 +53,13 @@ class PreparedVolume:
         """(Y, X) uint8 view of slice z (rows = y, columns = x)."""
         return self.data[:, :, z].T
 
+    def plane_view(self, plane: str) -> PreparedVolume:
+        """The same voxels seen as sagittal ("sagittal": slice i is x = i, (Z, Y)) or coronal ("coronal": slice i is
+        y = i, (Z, X)) slices, the last z on the first row (superior up in a RAS image, as models saw them in
+        training). A view, not a copy; its own key, so its embeddings never mix with the axial ones."""
+        order = {"sagittal": (1, 2, 0), "coronal": (0, 2, 1)}[plane]
+        return PreparedVolume(f"{self.key}:{plane}", self.data.transpose(order)[:, ::-1, :], self.affine, self.modality)
+
 
 def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(X, Y, Z) float32 array and RAS affine, via nibabel for NIfTI and MONAI's ITK reader otherwise."""
