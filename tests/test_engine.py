@@ -191,5 +191,5 @@ def test_the_sagittal_and_coronal_cuts_find_the_structures_centre_on_its_slices(
         xs, ys = np.nonzero(structure[:, yc, z])[0], np.nonzero(structure[xc, :, z])[0]
         if len(xs) and len(ys) and x is not None and y is not None:
             errors += [abs(x - (xs.min() + xs.max()) / 2), abs(y - (ys.min() + ys.max()) / 2)]
-    assert len(errors) >= len(centres)  # most slices show the structure in both cuts
+    assert len(errors) >= len(centres)  # two errors a slice: at least half the slices show it in both cuts
     assert np.median(errors) <= 2.0, errors

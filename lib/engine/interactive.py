@@ -267,8 +267,8 @@ def smooth_mask(mask: np.ndarray, sigma: float, keep: list[int]) -> np.ndarray:
     if sigma <= 0 or not mask.any():
         return mask
     pad = int(np.ceil(3 * sigma))
-    bounds = [np.nonzero(mask.any(axis=tuple(o for o in range(3) if o != axis)))[0] for axis in range(3)]
-    region = tuple(slice(max(0, int(b.min()) - pad), int(b.max()) + pad + 1) for b in bounds)
+    found = ndimage.find_objects(mask.view(np.uint8))[0]
+    region = tuple(slice(max(0, s.start - pad), s.stop + pad) for s in found)
     smoothed = mask.copy(order="F")
     smoothed[region] = ndimage.gaussian_filter(mask[region].astype(np.float32), sigma) > 0.5
     for z in keep:
