@@ -67,9 +67,20 @@ def test_without_openvino_torch_runs_the_encoder(lite_model, monkeypatch, caplog
     )
     assert encoder.name == "torch-float32"
     assert "not installed" in caplog.text
-    assert runtime.make_encoder_runtime("auto", torch.nn.Identity(), 256, torch.device("cpu"), True).name == (
-        "torch-bfloat16"
-    )
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert runtime.make_encoder_runtime("auto", torch.nn.Identity(), 256, cpu, True).name == "torch-bfloat16"
+
+
+def test_bf16_is_not_emulated_on_a_cpu_without_native_bf16(monkeypatch, caplog):
+    # an AVX2-only CPU (CI has run on one) emulates bf16 many times slower than float32: float32 runs instead
+    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "_warned", set())  # the warning is once per process
+    cpu = torch.device("cpu")
+    assert runtime.make_encoder_runtime("torch", torch.nn.Identity(), 256, cpu, True).name == "torch-float32"
+    assert runtime.low_precision_dtype(cpu, True) is None and not runtime.fast_bf16(cpu)
+    assert "no native bf16" in caplog.text
 
 
 def test_encoder_runtime_conf_is_checked():

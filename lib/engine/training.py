@@ -29,6 +29,7 @@ from lib.engine.preprocessing import SliceGeometry
 from lib.engine.volumes import PreparedVolume
 from lib.model.auto_head import AutoHead
 from lib.model.foundation import FoundationModel
+from lib.model.runtime import fast_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -386,13 +387,6 @@ def evaluate(
 # ---- the round ---------------------------------------------------------------------------------------------
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """bfloat16 that is faster than float32: CUDA, or a CPU with AVX-512 BF16 / AMX (oneDNN says so)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 @dataclass
 class TrainOutcome:
     epochs: int
@@ -431,7 +425,7 @@ def train(
     device = model.pixel_mean.device
     head.to(device)
     weights = class_weights(train_cases, len(head.names)).to(device)
-    fast_head = config.bf16 and bf16_supported(device)
+    fast_head = config.bf16 and fast_bf16(device)
     samples = [(c, i) for c, case in enumerate(train_cases) for i in range(len(case.slices))]
     steps_per_epoch = max(1, math.ceil(len(samples) / config.batch_slices))
     epochs = max(1, math.ceil(config.steps / steps_per_epoch))

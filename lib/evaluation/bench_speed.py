@@ -118,7 +118,9 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
 def encoders(model, ir_dir: Path) -> list:
     """Every encoder runtime this machine can run (each named by its `name`)."""
     encoder, size, cpu = model.network.image_encoder, model.network.image_size, torch.device("cpu")
-    found = [TorchEncoder(encoder, cpu, None), TorchEncoder(encoder, cpu, torch.bfloat16)]
+    found = [TorchEncoder(encoder, cpu, None)]
+    if cpu_has_bf16():  # emulated bf16 (an AVX2-only CPU) is many times slower than float32: not worth timing
+        found.append(TorchEncoder(encoder, cpu, torch.bfloat16))
     if openvino_available():
         found.append(OpenVinoEncoder(encoder, size, ir_dir))
         if cpu_has_bf16():

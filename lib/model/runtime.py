@@ -64,12 +64,34 @@ class TorchEncoder:
 
 
 def low_precision_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """The autocast dtype for a low-precision encoder: bf16, or fp16 on a GPU without bf16; None when off."""
+    """The autocast dtype for a low-precision encoder: bf16, or fp16 on a GPU without bf16; None when off.
+
+    On a CPU without native bf16 (AVX2 only, say) None too: emulated bf16 is many times slower than float32.
+    """
     if not enabled:
         return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if not cpu_has_bf16():
+        _warn_once("bf16 asked for, but this CPU has no native bf16 (AVX512_BF16 or AMX): float32 is used")
+        return None
     return torch.bfloat16
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """bfloat16 that is faster than float32 here: CUDA with bf16, or a CPU with native bf16 instructions."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def weights_digest(module: nn.Module) -> str:
