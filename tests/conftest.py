@@ -62,6 +62,24 @@ def server_folders(sample_data: Path, tmp_path_factory, name: str) -> tuple[Path
     return studies, tmp_path_factory.mktemp(f"server{name}") / "server.log"
 
 
+_SHARED_CONF: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_encoder_exports(tmp_path_factory) -> Path:
+    """One OpenVINO export folder for every test server and its train and scoring subprocesses: each loads the
+    export the first one made (named by the encoder's weights) instead of exporting again (33 s a time on a
+    slow CI machine). A trained version's encoder has other weights and still gets its own export."""
+    folder = tmp_path_factory.mktemp("openvino")
+    _SHARED_CONF["encoder_export_dir"] = str(folder)
+    return folder
+
+
+def shared_conf() -> dict[str, str]:
+    """--conf entries every test server takes (the shared encoder export folder)."""
+    return dict(_SHARED_CONF)
+
+
 # scoring at start has its own tests (test_active_learning.py); elsewhere it would only compete for the CPU
 QUIET_ENV = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
 
@@ -76,6 +94,7 @@ def quiet_server_conf(sample_data: Path, model_dir: Path, **extra: str) -> dict[
         "model_dir": str(model_dir),
         "train_every_labels": "0",
         "train_interval_minutes": "0",
+        **shared_conf(),
         **extra,
     }
 
@@ -112,6 +131,7 @@ def server(sample_data, tmp_path_factory):
         "model_dir": str(tmp_path_factory.mktemp("model")),  # versions of an earlier run must not be served
         "train_every_labels": "0",
         "train_interval_minutes": "0",
+        **shared_conf(),
     }
     # scoring at start has its own tests (test_active_learning.py); here it would only compete for the CPU
     with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as process:

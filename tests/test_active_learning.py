@@ -17,7 +17,7 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
 
-from conftest import server_folders
+from conftest import server_folders, shared_conf
 from lib.activelearning.leases import LeaseBook
 from lib.engine.cache import EmbeddingCache
 from lib.engine.predictor import SlicePredictor
@@ -109,10 +109,12 @@ def test_views_are_undone_exactly_on_the_low_res_grid():
 
 
 @pytest.mark.slow
-def test_score_volume_on_the_real_model(sample_data, labels, lite_model, tmp_path):
+def test_score_volume_on_the_real_model(sample_data, labels, lite_model, tmp_path, shared_encoder_exports):
     """Cold start: a descriptor and no score. With an automatic head (random weights here: the trained one is
     the server test's), every part lies in [0, 1], and a second call reuses every cached embedding."""
-    predictor = SlicePredictor(lite_model, EmbeddingCache(1 << 30), encoder_autocast=True)
+    predictor = SlicePredictor(
+        lite_model, EmbeddingCache(1 << 30), encoder_runtime="auto", ir_dir=shared_encoder_exports
+    )
     volume = VolumeStore(IntensityConfig()).get(sample_data / "studies" / "sub-01.nii.gz")
     config = ScoreConfig(slices=3, decoder_slices=2)
     views = default_views(config, 256, 256)
@@ -147,6 +149,7 @@ def active_server(sample_data, tmp_path_factory):
         "prefetch_slices": "0",
         "compile_decoder": "false",
         "model_dir": str(tmp_path_factory.mktemp("model-active")),
+        **shared_conf(),
         "train_every_labels": "2",
         "train_interval_minutes": "0",
         "train_steps": "60",

@@ -14,7 +14,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from conftest import server_folders
+from conftest import server_folders, shared_conf
 from lib.evaluation.server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -31,6 +31,7 @@ def fuzzed(sample_data, tmp_path_factory):
         "prefetch_slices": "0",
         "compile_decoder": "false",
         "model_dir": str(tmp_path_factory.mktemp("model-fuzz")),
+        **shared_conf(),
         "train_every_labels": "0",
         "train_interval_minutes": "0",
     }

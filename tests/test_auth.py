@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from monailabel.client import MONAILabelClient
 
-from conftest import server_folders
+from conftest import server_folders, shared_conf
 from lib.evaluation.server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -105,6 +105,7 @@ def auth_server(sample_data, provider, tmp_path_factory):
         "prefetch_slices": "0",
         "compile_decoder": "false",
         "model_dir": str(tmp_path_factory.mktemp("model-auth")),
+        **shared_conf(),
         "train_every_labels": "0",
         "train_interval_minutes": "0",
     }

@@ -62,6 +62,8 @@ def test_defaults_and_passthrough_keys():
         settings.propagation_end_taper
         and not AppSettings.from_conf({"propagation_end_taper": "false"}).propagation_end_taper
     )
+    assert settings.encoder_export_dir is None  # the app's <model_dir>/openvino
+    assert AppSettings.from_conf({"encoder_export_dir": " /srv/exports "}).encoder_export_dir == "/srv/exports"
 
 
 def test_roi_slack_is_the_models_unless_the_conf_sets_one():

@@ -16,7 +16,7 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from conftest import load_truth, server_folders
+from conftest import load_truth, server_folders, shared_conf
 from lib.engine.continual import LabelledImage, RoundConfig, run_round, split_by_volume
 from lib.engine.embedding_store import EmbeddingStore
 from lib.engine.predictor import SlicePredictor
@@ -46,10 +46,13 @@ def _image(sample_data, subject, label_dir=None):
     )
 
 
-def test_round_is_published_and_a_worse_round_is_kept_but_not_served(sample_data, labels, lite_model, tmp_path):
+def test_round_is_published_and_a_worse_round_is_kept_but_not_served(
+    sample_data, labels, lite_model, tmp_path, shared_encoder_exports
+):
     versions = VersionStore(tmp_path / "model", lite_model.base_version)
     volumes = VolumeStore(IntensityConfig())
-    predictor = SlicePredictor(lite_model, cache=None, encoder_autocast=True)  # only its encoder is used
+    # only its encoder is used: the server's (OpenVINO float32 where installed), from the session's export
+    predictor = SlicePredictor(lite_model, cache=None, encoder_runtime="auto", ir_dir=shared_encoder_exports)
     embeddings = EmbeddingStore(tmp_path / "embeddings", lite_model.encoder_version, predictor.encode_pixels, 256)
     images = [_image(sample_data, s) for s in ("sub-01", "sub-02")]
     config = RoundConfig(train=TEST_TRAIN)
@@ -92,6 +95,7 @@ def learning_server(sample_data, tmp_path_factory):
         "prefetch_slices": "0",
         "compile_decoder": "false",
         "model_dir": str(tmp_path_factory.mktemp("model-continual")),
+        **shared_conf(),
         "train_every_labels": "2",
         "train_interval_minutes": "0",
         "train_steps": str(SERVER_TRAIN_STEPS),
@@ -178,14 +182,16 @@ def test_labels_saved_by_a_client_train_a_version_that_segments_a_new_volume(lea
         pytest.fail("foundation_auto still answers after the rollback to the base model")
 
 
-def test_lora_round_adapts_the_encoder_and_gets_its_own_embedding_cache(sample_data, labels, lite_model, tmp_path):
+def test_lora_round_adapts_the_encoder_and_gets_its_own_embedding_cache(
+    sample_data, labels, lite_model, tmp_path, shared_encoder_exports
+):
     """`--conf train_encoder_lora 4`: peft LoRA on the encoder's attention, merged into a plain encoder.
 
     Two steps only (the encoder's backward pass costs seconds a slice on this CPU; device_check times it on a
     GPU): this checks the wiring, not the accuracy.
     """
     versions = VersionStore(tmp_path / "model", lite_model.base_version)
-    predictor = SlicePredictor(lite_model, cache=None, encoder_autocast=True)
+    predictor = SlicePredictor(lite_model, cache=None, encoder_runtime="auto", ir_dir=shared_encoder_exports)
     embeddings = EmbeddingStore(tmp_path / "embeddings", lite_model.encoder_version, predictor.encode_pixels, 256)
     images = [_image(sample_data, s) for s in ("sub-01", "sub-02")]
     config = RoundConfig(

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import shared_conf
 from lib.evaluation.bench_load import (
     LoadConfig,
     click_plan,
@@ -45,6 +46,7 @@ def test_eight_annotators_get_every_answer_while_training_and_scoring_run(sample
         "prefetch_slices": "0",
         "compile_decoder": "false",
         "model_dir": str(tmp_path / "model"),
+        **shared_conf(),
         "train_every_labels": "0",
         "train_interval_minutes": "0",
     }

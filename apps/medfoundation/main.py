@@ -92,7 +92,7 @@ class MedFoundationApp(MONAILabelApp):
                 prefetch_slices=self.settings.prefetch_slices,
                 encoder_bf16=self.settings.encoder_bf16,
                 encoder_runtime=self.settings.encoder_runtime,
-                encoder_ir_dir=str(self.model_dir / "openvino"),
+                encoder_ir_dir=self.settings.encoder_export_dir or str(self.model_dir / "openvino"),
                 focus_context=self.settings.focus_context,
                 click_corrections=self.settings.click_corrections,
                 compile_decoder=self.settings.compile_decoder,
