@@ -76,7 +76,7 @@ def test_bf16_is_not_emulated_on_a_cpu_without_native_bf16(monkeypatch, caplog):
     # an AVX2-only CPU (CI has run on one) emulates bf16 many times slower than float32: float32 runs instead
     monkeypatch.setattr(runtime, "openvino_available", lambda: False)
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
-    monkeypatch.setattr(runtime, "_warned", set())  # the warning is once per process
+    runtime._warn_emulated_bf16.cache_clear()  # the warning is once per process
     cpu = torch.device("cpu")
     assert runtime.make_encoder_runtime("torch", torch.nn.Identity(), 256, cpu, True).name == "torch-float32"
     assert runtime.low_precision_dtype(cpu, True) is None and not runtime.fast_bf16(cpu)

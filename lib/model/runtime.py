@@ -11,6 +11,7 @@ and the decoder never know which one ran.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -73,7 +74,7 @@ def low_precision_dtype(device: torch.device, enabled: bool) -> torch.dtype | No
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if not cpu_has_bf16():
-        _warn_once("bf16 asked for, but this CPU has no native bf16 (AVX512_BF16 or AMX): float32 is used")
+        _warn_emulated_bf16()
         return None
     return torch.bfloat16
 
@@ -85,13 +86,9 @@ def fast_bf16(device: torch.device) -> bool:
     return cpu_has_bf16()
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
+@functools.cache
+def _warn_emulated_bf16() -> None:  # once per process, not once per encoder built
+    logger.warning("bf16 asked for, but this CPU has no native bf16 (AVX512_BF16 or AMX): float32 is used")
 
 
 def weights_digest(module: nn.Module) -> str:
