@@ -62,7 +62,7 @@ def server_folders(sample_data: Path, tmp_path_factory, name: str) -> tuple[Path
     return studies, tmp_path_factory.mktemp(f"server{name}") / "server.log"
 
 
-_SHARED_CONF: dict[str, str] = {}
+_SHARED_CONF: dict[str, str] = {}  # what every test server's --conf takes: the shared encoder export folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,11 +73,6 @@ def shared_encoder_exports(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("openvino")
     _SHARED_CONF["encoder_export_dir"] = str(folder)
     return folder
-
-
-def shared_conf() -> dict[str, str]:
-    """--conf entries every test server takes (the shared encoder export folder)."""
-    return dict(_SHARED_CONF)
 
 
 # scoring at start has its own tests (test_active_learning.py); elsewhere it would only compete for the CPU
@@ -94,7 +89,7 @@ def quiet_server_conf(sample_data: Path, model_dir: Path, **extra: str) -> dict[
         "model_dir": str(model_dir),
         "train_every_labels": "0",
         "train_interval_minutes": "0",
-        **shared_conf(),
+        **_SHARED_CONF,
         **extra,
     }
 
@@ -124,15 +119,7 @@ def server(sample_data, tmp_path_factory):
     """
     studies, log = server_folders(sample_data, tmp_path_factory, "")
     # compiling the decoder takes a minute of CPU in the background; tests/test_compiled_decoder.py covers it
-    conf = {
-        "labels": str(sample_data / "labels.json"),
-        "prefetch_slices": "4",
-        "compile_decoder": "false",
-        "model_dir": str(tmp_path_factory.mktemp("model")),  # versions of an earlier run must not be served
-        "train_every_labels": "0",
-        "train_interval_minutes": "0",
-        **shared_conf(),
-    }
+    conf = quiet_server_conf(sample_data, tmp_path_factory.mktemp("model"), prefetch_slices="4")
     # scoring at start has its own tests (test_active_learning.py); here it would only compete for the CPU
     with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as process:
         yield process.url, studies, log

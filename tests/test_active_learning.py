@@ -17,7 +17,7 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
 
-from conftest import server_folders, shared_conf
+from conftest import quiet_server_conf, server_folders
 from lib.activelearning.leases import LeaseBook
 from lib.engine.cache import EmbeddingCache
 from lib.engine.predictor import SlicePredictor
@@ -144,19 +144,15 @@ def test_score_volume_on_the_real_model(sample_data, labels, lite_model, tmp_pat
 @pytest.fixture(scope="module")
 def active_server(sample_data, tmp_path_factory):
     studies, log = server_folders(sample_data, tmp_path_factory, "-active")
-    conf = {
-        "labels": str(sample_data / "labels.json"),
-        "prefetch_slices": "0",
-        "compile_decoder": "false",
-        "model_dir": str(tmp_path_factory.mktemp("model-active")),
-        **shared_conf(),
-        "train_every_labels": "2",
-        "train_interval_minutes": "0",
-        "train_steps": "60",
-        "train_slice_step": "4",
-        "score_slices": "4",
-        "lease_minutes": "30",
-    }
+    conf = quiet_server_conf(
+        sample_data,
+        tmp_path_factory.mktemp("model-active"),
+        train_every_labels="2",
+        train_steps="60",
+        train_slice_step="4",
+        score_slices="4",
+        lease_minutes="30",
+    )
     with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}) as process:
         yield process
 

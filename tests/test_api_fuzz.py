@@ -14,7 +14,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from conftest import server_folders, shared_conf
+from conftest import quiet_server_conf, server_folders
 from lib.evaluation.server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -26,15 +26,7 @@ EXAMPLES = 60  # per operation (about 20 s for all on 2 cores)
 @pytest.fixture(scope="module")
 def fuzzed(sample_data, tmp_path_factory):
     studies, log = server_folders(sample_data, tmp_path_factory, "-fuzz")
-    conf = {
-        "labels": str(sample_data / "labels.json"),
-        "prefetch_slices": "0",
-        "compile_decoder": "false",
-        "model_dir": str(tmp_path_factory.mktemp("model-fuzz")),
-        **shared_conf(),
-        "train_every_labels": "0",
-        "train_interval_minutes": "0",
-    }
+    conf = quiet_server_conf(sample_data, tmp_path_factory.mktemp("model-fuzz"))
     with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as server:
         yield server
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from monailabel.client import MONAILabelClient
 
-from conftest import server_folders, shared_conf
+from conftest import quiet_server_conf, server_folders
 from lib.evaluation.server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -100,15 +100,7 @@ def provider():
 @pytest.fixture(scope="module")
 def auth_server(sample_data, provider, tmp_path_factory):
     studies, log = server_folders(sample_data, tmp_path_factory, "-auth")
-    conf = {
-        "labels": str(sample_data / "labels.json"),
-        "prefetch_slices": "0",
-        "compile_decoder": "false",
-        "model_dir": str(tmp_path_factory.mktemp("model-auth")),
-        **shared_conf(),
-        "train_every_labels": "0",
-        "train_interval_minutes": "0",
-    }
+    conf = quiet_server_conf(sample_data, tmp_path_factory.mktemp("model-auth"))
     env = {
         "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
         "MONAI_LABEL_AUTH_ENABLE": "true",

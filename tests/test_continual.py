@@ -16,7 +16,7 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from conftest import load_truth, server_folders, shared_conf
+from conftest import load_truth, quiet_server_conf, server_folders
 from lib.engine.continual import LabelledImage, RoundConfig, run_round, split_by_volume
 from lib.engine.embedding_store import EmbeddingStore
 from lib.engine.predictor import SlicePredictor
@@ -90,17 +90,13 @@ def test_round_is_published_and_a_worse_round_is_kept_but_not_served(
 @pytest.fixture(scope="module")
 def learning_server(sample_data, tmp_path_factory):
     studies, log = server_folders(sample_data, tmp_path_factory, "-continual")
-    conf = {
-        "labels": str(sample_data / "labels.json"),
-        "prefetch_slices": "0",
-        "compile_decoder": "false",
-        "model_dir": str(tmp_path_factory.mktemp("model-continual")),
-        **shared_conf(),
-        "train_every_labels": "2",
-        "train_interval_minutes": "0",
-        "train_steps": str(SERVER_TRAIN_STEPS),
-        "train_slice_step": str(TEST_TRAIN.slice_step),
-    }
+    conf = quiet_server_conf(
+        sample_data,
+        tmp_path_factory.mktemp("model-continual"),
+        train_every_labels="2",
+        train_steps=str(SERVER_TRAIN_STEPS),
+        train_slice_step=str(TEST_TRAIN.slice_step),
+    )
     with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as process:
         yield process
 

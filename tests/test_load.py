@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import shared_conf
+from conftest import quiet_server_conf
 from lib.evaluation.bench_load import (
     LoadConfig,
     click_plan,
@@ -41,15 +41,7 @@ def test_eight_annotators_get_every_answer_while_training_and_scoring_run(sample
         shutil.copy(sample_data / "studies" / f"{subject}.nii.gz", studies / f"{image}.nii.gz")
         truth = np.asarray(nib.load(sample_data / "ground-truth" / f"{subject}.nii.gz").dataobj)
         plans[image] = click_plan(truth, labels, config, random.Random(number))
-    conf = {
-        "labels": str(sample_data / "labels.json"),
-        "prefetch_slices": "0",
-        "compile_decoder": "false",
-        "model_dir": str(tmp_path / "model"),
-        **shared_conf(),
-        "train_every_labels": "0",
-        "train_interval_minutes": "0",
-    }
+    conf = quiet_server_conf(sample_data, tmp_path / "model")
     env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
     with ServerProcess(studies, tmp_path / "server.log", conf, env=env) as server:
         truth = {s: sample_data / "ground-truth" / f"{s}.nii.gz" for s in subjects[:2]}
