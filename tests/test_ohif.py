@@ -56,6 +56,19 @@ LABELMAP_VOXELS = """() => {
   }
   return {count: segmentations.length, voxels};
 }"""
+# the viewer has shown the series: every viewport has its image data and the volume behind it has streamed in
+SERIES_SHOWN = """() => {
+  const engine = window.cornerstone && cornerstone.getRenderingEngines()[0];
+  const viewports = engine ? engine.getViewports() : [];
+  return viewports.length > 0 && viewports.every(v => {
+    if (!v.getImageData()) return false;
+    const volumes = (v.getAllVolumeIds ? v.getAllVolumeIds() : []).map(id => cornerstone.cache.getVolume(id));
+    return volumes.every(volume => !volume || !volume.loadStatus || volume.loadStatus.loaded);
+  });
+}"""
+SEGMENTATIONS = "() => services.segmentationService.getSegmentations().length"
+# what the viewer reported as errors, for a failure's message (CI keeps the output, not test-artifacts/)
+VIEWER_ERRORS: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +96,28 @@ def page(ohif_setup):
         )
         page = browser.new_page()
         with open(ARTIFACTS / "console.log", "w") as console:  # the viewer's own log, kept with the screenshots
-            page.on("console", lambda message: console.write(f"{message.type}: {message.text}\n"))
-            page.on("pageerror", lambda error: console.write(f"page error: {error}\n"))
+            page.on("console", lambda message: log_console(console, message.type, message.text))
+            page.on("pageerror", lambda error: log_console(console, "page error", str(error)))
             yield page
         browser.close()
+
+
+def log_console(console, kind: str, text: str) -> None:
+    console.write(f"{kind}: {text}\n")
+    if "error" in kind and "ERR_INTERNET_DISCONNECTED" not in text:  # the private network has no internet
+        VIEWER_ERRORS.append(f"{kind}: {text}")
+
+
+def viewer_errors() -> str:
+    return "; the viewer's last errors: " + " | ".join(VIEWER_ERRORS[-8:])
+
+
+def wait_for(page, script: str, what: str, timeout_s: float):
+    deadline = time.time() + timeout_s
+    while not (value := page.evaluate(script)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert value, f"{what} not within {timeout_s:.0f} s{viewer_errors()}"
+    return value
 
 
 def shot(page, name: str) -> Path:
@@ -104,7 +135,10 @@ def test_annotating_in_ohif_with_the_foundation_model(ohif_setup, page, sample_d
 
     page.goto(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={series['sub-01'].study_uid}", wait_until="networkidle")
     page.get_by_text("Confirm and Hide").click(timeout=60_000)
+    # an annotator connects once the image is on screen; the panel makes its segmentation on connecting
+    wait_for(page, SERIES_SHOWN, "the series shown in every viewport", 120)
     page.locator(".monaiLabelPanel button.actionButton").first.click()  # connect to the server
+    wait_for(page, SEGMENTATIONS, "the panel's segmentation, made on connecting,", 60)
     page.get_by_text("Point Prompts", exact=True).click(timeout=60_000)
     prompts = page.locator(".modelSelector").filter(has=page.locator("option[value='foundation_2d']")).first
     select = prompts.locator("select.selectBox")
@@ -145,7 +179,7 @@ def test_annotating_in_ohif_with_the_foundation_model(ohif_setup, page, sample_d
     drawn = page.evaluate(LABELMAP_VOXELS)
     time.sleep(1)
     shot(page, "04-segmentation")
-    assert drawn["voxels"] > 50, drawn
+    assert drawn["voxels"] > 50, f"{drawn}{viewer_errors()}"
 
     # Active Learning: the next sample is offered in a dialog
     page.get_by_text("Active Learning", exact=True).click()
