@@ -314,7 +314,8 @@ def attach_lora(model: FoundationModel, rank: int) -> torch.nn.Module:
 def run_head(model: FoundationModel, head: AutoHead, embeddings: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 256, 64, 64) embeddings + (B, 256, 256) uint8 pixels -> (B, L + 1, 256, 256) logits."""
     device = model.pixel_mean.device
-    return head(embeddings.to(device).float(), model.dense_pe(), pixels.to(device).float().unsqueeze(1) / 255.0)
+    embeddings = embeddings.to(device=device, dtype=torch.float32, memory_format=torch.channels_last)  # the head's
+    return head(embeddings, model.dense_pe(), pixels.to(device).float().unsqueeze(1) / 255.0)
 
 
 def dice(prediction: torch.Tensor, truth: torch.Tensor) -> float:

@@ -48,6 +48,9 @@ class AutoHead(nn.Module):
         self.pixels = _block(1, width // 4)
         self.fuse = _block(width // 2, width // 4, kernel=1)  # 1x1 at full resolution: 9x cheaper than 3x3
         self.classify = nn.Conv2d(width // 4, len(names) + 1, 1)
+        # channels-last: oneDNN's convolutions then skip their layout reorders, which cost more than the arithmetic
+        # of the thin full-resolution layers (see the commit that added it). Loaded weights keep this layout.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, embeddings: torch.Tensor, position: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """Segment every label.
@@ -57,8 +60,11 @@ class AutoHead(nn.Module):
             position: (1, 256, 64, 64) the decoder's dense positional encoding.
             pixels: (B, 1, 256, 256) the slice as the encoder saw it, scaled to [0, 1], on the low-res grid.
         Returns:
-            (B, L + 1, 256, 256) logits; channel 0 is background.
+            (B, L + 1, 256, 256) logits, channels-last in memory; channel 0 is background.
         """
+        embeddings, position, pixels = (
+            t.contiguous(memory_format=torch.channels_last) for t in (embeddings, position, pixels)
+        )
         features = self.context(self.embed(embeddings) + self.position(position))
         upsampled = self.upsample(features)
         return self.classify(self.fuse(torch.cat([upsampled, self.pixels(pixels)], dim=1)))
