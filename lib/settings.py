@@ -94,6 +94,8 @@ class AppSettings:
     # bf16 is faster still but changes masks (mean Dice 0.96 against float32 on the sample slices; README "Speed")
     encoder_runtime: str = "auto"  # auto | torch | openvino
     encoder_bf16: bool = False  # bfloat16 encoder (CPUs with native bf16; on a GPU bf16 or fp16)
+    # OpenVINO encoder threads (0: as many as torch uses); fewer leave cores to clicks' decodes (README "Under load")
+    encoder_threads: int = 0
     compile_decoder: bool = True  # torch.compile the decoder for common prompt shapes, in the background
     # decoder logit threshold; None: the model's own (LiteMedSAM -1.5, calibrated; SAM family 0)
     mask_threshold: float | None = None
@@ -148,6 +150,7 @@ class AppSettings:
                 "train_encoder_lora",
                 "volume_cache_mb",
                 "background_nice",
+                "encoder_threads",
             ):
                 values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
             elif key in ("train_steps", "train_slice_step", "score_slices"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -54,6 +55,20 @@ def test_the_export_is_kept_by_weights_and_a_changed_encoder_gets_its_own(lite_m
     assert runtime.weights_digest(_with_state(encoder, state)) != runtime.weights_digest(encoder)
 
 
+@pytest.mark.slow
+def test_encoder_threads_set_openvinos_threads_and_change_no_answer(lite_model, shared_encoder_exports, caplog):
+    caplog.set_level(logging.INFO, logger=runtime.__name__)
+    encoder = lite_model.network.image_encoder
+    every = runtime.make_encoder_runtime("openvino", encoder, 256, torch.device("cpu"), False, shared_encoder_exports)
+    one = runtime.make_encoder_runtime("openvino", encoder, 256, torch.device("cpu"), False, shared_encoder_exports, 1)
+    assert (every.threads, one.threads) == (torch.get_num_threads(), 1)
+    assert "1 threads" in caplog.text
+    normalized = lite_model.network.normalize(torch.rand(1, 3, 256, 256) * 255)
+    torch.testing.assert_close(one(normalized), every(normalized), atol=1e-4, rtol=1e-4)
+    plain = runtime.make_encoder_runtime("torch", torch.nn.Identity(), 256, torch.device("cpu"), False, None, 1)
+    assert plain.name == "torch-float32" and "is for the OpenVINO encoder" in caplog.text
+
+
 def _with_state(encoder: torch.nn.Module, state: dict) -> torch.nn.Module:
     other = copy.deepcopy(encoder)
     other.load_state_dict(state)
@@ -86,6 +101,9 @@ def test_bf16_is_not_emulated_on_a_cpu_without_native_bf16(monkeypatch, caplog):
 def test_encoder_runtime_conf_is_checked():
     assert AppSettings().encoder_runtime == "auto" and AppSettings().encoder_bf16 is False
     assert AppSettings.from_conf({"encoder_runtime": "torch"}).encoder_runtime == "torch"
+    assert AppSettings().encoder_threads == 0 and AppSettings.from_conf({"encoder_threads": "1"}).encoder_threads == 1
+    with pytest.raises(ConfError, match="encoder_threads"):
+        AppSettings.from_conf({"encoder_threads": "-1"})
     with pytest.raises(ConfError, match="encoder_runtime 'onnx'"):
         AppSettings.from_conf({"encoder_runtime": "onnx"})
     with pytest.raises(ValueError, match="expected one of"):

@@ -168,7 +168,7 @@ def plans_for(data: Path, images: list[str], config: LoadConfig) -> dict[str, li
     return plans
 
 
-def run(data: Path, out: Path, config: LoadConfig) -> dict[str, Any]:
+def run(data: Path, out: Path, config: LoadConfig, extra_conf: dict[str, str] | None = None) -> dict[str, Any]:
     available = sorted(p.name.removesuffix(".nii.gz") for p in (data / "studies").glob("*.nii.gz"))
     if len(available) < config.annotators + 2:
         raise SystemExit(f"need {config.annotators + 2} studies in {data}, found {len(available)}")
@@ -181,11 +181,12 @@ def run(data: Path, out: Path, config: LoadConfig) -> dict[str, Any]:
         "model_dir": tempfile.mkdtemp(prefix="bench-load-model-"),
         "train_every_labels": "0",  # the round is started by hand, at a known time
         "train_interval_minutes": "0",
+        **(extra_conf or {}),
     }
     cache_mb = 1024  # the default --conf cache_mb
     plans = plans_for(data, annotated, config)
     log = out / "load-server.log"
-    results: dict[str, Any] = {"config": asdict(config), "cache_budget_mb": cache_mb}
+    results: dict[str, Any] = {"config": asdict(config), "cache_budget_mb": cache_mb, "conf": extra_conf or {}}
     tmpdir = tempfile.mkdtemp(prefix="bench-load-client-")
     with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as server:
         wait_for_compiled_decoder(log)
@@ -218,7 +219,8 @@ def run(data: Path, out: Path, config: LoadConfig) -> dict[str, Any]:
 
 def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
-        f"# Load: {results['config']['annotators']} annotators ({meta['date']}, {meta['machine']})",
+        f"# Load: {results['config']['annotators']} annotators ({meta['date']}, {meta['machine']})"
+        + "".join(f", --conf {key} {value}" for key, value in results.get("conf", {}).items()),
         "",
         "| phase | failed | encoded slice p50 / p95 / max (s) | new slice p50 / p95 / max (s) | server RSS peak |",
         "| --- | --- | --- | --- | --- |",
@@ -247,12 +249,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--annotators", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="2 structures per annotator instead of 4")
+    parser.add_argument(
+        "--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="a server --conf, repeatable"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     config = LoadConfig(annotators=args.annotators, structures=2 if args.quick else 4)
     begin = time.time()
-    results = run(args.data, args.out, config)
+    results = run(args.data, args.out, config, dict(args.conf))
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores",

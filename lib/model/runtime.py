@@ -153,6 +153,7 @@ class OpenVinoEncoder:
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
         }
         self._compiled = core.compile_model(model, "CPU", config)
+        self.threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
         del model
         release_freed_memory()  # an export leaves ~1 GB of freed tracing memory that malloc would otherwise keep
         # one infer request, one slice at a time: concurrent encodes on the same cores are no faster in total,
@@ -162,7 +163,10 @@ class OpenVinoEncoder:
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()
         self.name = f"openvino-{precision}"
-        logger.info("image encoder on OpenVINO (%s) ready in %.1f s", precision, time.perf_counter() - begin)
+        logger.info(
+            "image encoder on OpenVINO (%s, %d threads) ready in %.1f s",
+            precision, self.threads, time.perf_counter() - begin,
+        )  # fmt: skip
 
     @staticmethod
     def _load_or_export(ov, core, encoder: nn.Module, image_size: int, ir_dir: Path | None):
@@ -204,10 +208,12 @@ def make_encoder_runtime(
     device: torch.device,
     low_precision: bool,
     ir_dir: Path | None = None,
+    threads: int = 0,
 ) -> EncoderRuntime:
     """The runtime asked for; `auto` is OpenVINO on a CPU when it is installed, torch otherwise.
 
     low_precision: bf16 on CPU; on CUDA bf16 where supported, else fp16.
+    threads: OpenVINO's inference threads (0: as many as torch uses); torch's encoder shares torch's threads.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"encoder runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
@@ -217,9 +223,11 @@ def make_encoder_runtime(
         return TorchEncoder(encoder, device, low_precision_dtype(device, low_precision))
     if runtime in ("auto", "openvino") and openvino_available():
         try:
-            return OpenVinoEncoder(encoder, image_size, ir_dir, bf16=low_precision)
+            return OpenVinoEncoder(encoder, image_size, ir_dir, bf16=low_precision, threads=threads or None)
         except Exception:  # noqa: BLE001 - an export failure must not stop the server: torch still serves
             logger.exception("exporting the image encoder to OpenVINO failed; torch runs it")
     elif runtime == "openvino":
         logger.warning("encoder runtime openvino asked for but the openvino package is not installed; using torch")
+    if threads:
+        logger.warning("encoder_threads %d is for the OpenVINO encoder; torch's runs on torch's threads", threads)
     return TorchEncoder(encoder, device, low_precision_dtype(device, low_precision))
