@@ -120,6 +120,5 @@ def server(sample_data, tmp_path_factory):
     studies, log = server_folders(sample_data, tmp_path_factory, "")
     # compiling the decoder takes a minute of CPU in the background; tests/test_compiled_decoder.py covers it
     conf = quiet_server_conf(sample_data, tmp_path_factory.mktemp("model"), prefetch_slices="4")
-    # scoring at start has its own tests (test_active_learning.py); here it would only compete for the CPU
-    with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as process:
+    with ServerProcess(studies, log, conf, env=QUIET_ENV) as process:
         yield process.url, studies, log

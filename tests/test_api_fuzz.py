@@ -14,7 +14,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from conftest import quiet_server_conf, server_folders
+from conftest import QUIET_ENV, quiet_server_conf, server_folders
 from lib.evaluation.server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ EXAMPLES = 60  # per operation (about 20 s for all on 2 cores)
 def fuzzed(sample_data, tmp_path_factory):
     studies, log = server_folders(sample_data, tmp_path_factory, "-fuzz")
     conf = quiet_server_conf(sample_data, tmp_path_factory.mktemp("model-fuzz"))
-    with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as server:
+    with ServerProcess(studies, log, conf, env=QUIET_ENV) as server:
         yield server
 
 

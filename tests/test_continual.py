@@ -16,7 +16,7 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from conftest import load_truth, quiet_server_conf, server_folders
+from conftest import QUIET_ENV, load_truth, quiet_server_conf, server_folders
 from lib.engine.continual import LabelledImage, RoundConfig, run_round, split_by_volume
 from lib.engine.embedding_store import EmbeddingStore
 from lib.engine.predictor import SlicePredictor
@@ -97,7 +97,7 @@ def learning_server(sample_data, tmp_path_factory):
         train_steps=str(SERVER_TRAIN_STEPS),
         train_slice_step=str(TEST_TRAIN.slice_step),
     )
-    with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as process:
+    with ServerProcess(studies, log, conf, env=QUIET_ENV) as process:
         yield process
 
 

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import quiet_server_conf
+from conftest import QUIET_ENV, quiet_server_conf
 from lib.evaluation.bench_load import (
     LoadConfig,
     click_plan,
@@ -42,8 +42,7 @@ def test_eight_annotators_get_every_answer_while_training_and_scoring_run(sample
         truth = np.asarray(nib.load(sample_data / "ground-truth" / f"{subject}.nii.gz").dataobj)
         plans[image] = click_plan(truth, labels, config, random.Random(number))
     conf = quiet_server_conf(sample_data, tmp_path / "model")
-    env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
-    with ServerProcess(studies, tmp_path / "server.log", conf, env=env) as server:
+    with ServerProcess(studies, tmp_path / "server.log", conf, env=QUIET_ENV) as server:
         truth = {s: sample_data / "ground-truth" / f"{s}.nii.gz" for s in subjects[:2]}
         start_background_work(server.url, truth)
         clicks, errors = run_annotators(server.url, plans, config, "loaded", str(tmp_path / "client"))

@@ -173,9 +173,7 @@ def test_annotating_in_ohif_with_the_foundation_model(ohif_setup, page, sample_d
     params = json.loads(sent[sent.index("{") : sent.rindex("}") + 1])
     # the click reaches the server as the voxel it was aimed at (a screen pixel is about a voxel here)
     assert len(params["foreground"]) == 1 and np.abs(np.subtract(params["foreground"][0], [x, y, z])).max() <= 1, params
-    deadline = time.time() + 60
-    while time.time() < deadline and page.evaluate(LABELMAP_VOXELS)["voxels"] == 0:
-        time.sleep(1)
+    wait_for(page, f"() => ({LABELMAP_VOXELS})().voxels", "the inferred mask drawn in OHIF's labelmap", 60)
     drawn = page.evaluate(LABELMAP_VOXELS)
     time.sleep(1)
     shot(page, "04-segmentation")

@@ -169,6 +169,7 @@ def plans_for(data: Path, images: list[str], config: LoadConfig) -> dict[str, li
 
 
 def run(data: Path, out: Path, config: LoadConfig, extra_conf: dict[str, str] | None = None) -> dict[str, Any]:
+    extra_conf = extra_conf or {}
     available = sorted(p.name.removesuffix(".nii.gz") for p in (data / "studies").glob("*.nii.gz"))
     if len(available) < config.annotators + 2:
         raise SystemExit(f"need {config.annotators + 2} studies in {data}, found {len(available)}")
@@ -181,12 +182,12 @@ def run(data: Path, out: Path, config: LoadConfig, extra_conf: dict[str, str] | 
         "model_dir": tempfile.mkdtemp(prefix="bench-load-model-"),
         "train_every_labels": "0",  # the round is started by hand, at a known time
         "train_interval_minutes": "0",
-        **(extra_conf or {}),
+        **extra_conf,
     }
     cache_mb = 1024  # the default --conf cache_mb
     plans = plans_for(data, annotated, config)
     log = out / "load-server.log"
-    results: dict[str, Any] = {"config": asdict(config), "cache_budget_mb": cache_mb, "conf": extra_conf or {}}
+    results: dict[str, Any] = {"config": asdict(config), "cache_budget_mb": cache_mb, "conf": extra_conf}
     tmpdir = tempfile.mkdtemp(prefix="bench-load-client-")
     with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as server:
         wait_for_compiled_decoder(log)

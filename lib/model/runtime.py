@@ -130,7 +130,7 @@ class OpenVinoEncoder:
         image_size: S, the square input side.
         ir_dir: where IR files are kept; None: export every time (tests, benchmarks).
         bf16: infer in bfloat16 (only where the CPU has native bf16, else float32).
-        threads: inference threads (default: torch's, so both runtimes use the same cores).
+        threads: inference threads (0: torch's, so both runtimes use the same cores).
     """
 
     def __init__(
@@ -139,7 +139,7 @@ class OpenVinoEncoder:
         image_size: int,
         ir_dir: Path | None = None,
         bf16: bool = False,
-        threads: int | None = None,
+        threads: int = 0,
     ) -> None:
         import openvino as ov
 
@@ -223,7 +223,7 @@ def make_encoder_runtime(
         return TorchEncoder(encoder, device, low_precision_dtype(device, low_precision))
     if runtime in ("auto", "openvino") and openvino_available():
         try:
-            return OpenVinoEncoder(encoder, image_size, ir_dir, bf16=low_precision, threads=threads or None)
+            return OpenVinoEncoder(encoder, image_size, ir_dir, bf16=low_precision, threads=threads)
         except Exception:  # noqa: BLE001 - an export failure must not stop the server: torch still serves
             logger.exception("exporting the image encoder to OpenVINO failed; torch runs it")
     elif runtime == "openvino":
