@@ -1,7 +1,8 @@
 """Prompt-free segmentation of a whole volume with a trained version's automatic head.
 
 Coarse to fine, so a volume costs the slices that matter: every `coarse_step`-th slice is segmented first,
-then every slice between the first and last slice where a label was found (plus a margin). Each label keeps
+then every slice between the first and last slice of each label's largest part in that coarse stack (plus a
+margin). Each label keeps
 its largest 3D connected part, which removes stray islands a slice-wise head can leave.
 """
 
@@ -70,6 +71,23 @@ def largest_parts(labels: np.ndarray, count: int) -> np.ndarray:
     return cleaned
 
 
+def fine_slices(coarse: dict[int, np.ndarray], depth: int, count: int, config: AutoConfig) -> list[int]:
+    """The slices the fine pass segments, given the coarse pass's {z: (H, W) channel map}.
+
+    They span each label's largest part in the coarse stack, a coarse step and the margin beyond its first and
+    last slice. Stray specks near the volume's ends, which the final clean-up drops anyway, would otherwise
+    stretch the fine pass over every slice. Coarse slices are not segmented again.
+    """
+    zs = sorted(coarse)
+    kept = largest_parts(np.stack([coarse[z] for z in zs]), count)
+    found = [z for z, channel_map in zip(zs, kept, strict=True) if channel_map.any()]
+    if not found:
+        return []
+    low = max(0, found[0] - config.coarse_step - config.margin)
+    high = min(depth - 1, found[-1] + config.coarse_step + config.margin)
+    return [z for z in range(low, high + 1) if z not in coarse]
+
+
 def auto_segment(
     predictor: SlicePredictor,
     volume: PreparedVolume,
@@ -92,12 +110,8 @@ def auto_segment(
     depth = volume.shape[2]
     coarse = list(range(config.coarse_step // 2, depth, config.coarse_step))
     channels = _segment_slices(predictor, head, volume, coarse, config.batch)
-    found = [z for z in coarse if channels[z].any()]
-    if found:
-        low = max(0, found[0] - config.coarse_step - config.margin)
-        high = min(depth - 1, found[-1] + config.coarse_step + config.margin)
-        rest = [z for z in range(low, high + 1) if z not in channels]
-        channels.update(_segment_slices(predictor, head, volume, rest, config.batch))
+    rest = fine_slices(channels, depth, len(head.names), config)
+    channels.update(_segment_slices(predictor, head, volume, rest, config.batch))
     stack = np.zeros((depth, *volume.slice_image(0).shape), np.uint8)  # (Z, Y, X)
     for z, channel_map in channels.items():
         stack[z] = channel_map
