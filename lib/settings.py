@@ -103,6 +103,9 @@ class AppSettings:
     model_dir: str | None = None  # versions, embeddings and downloaded weights; default <app>/model
     # OpenVINO exports of the encoder, named by its weights' digest (apps on one machine may share a folder)
     encoder_export_dir: str | None = None  # default <model_dir>/openvino
+    # slice embeddings kept for training and scoring (large and rebuilt at will, unlike versions): a scratch disk
+    # will do, and servers of the same images may share one; keyed by encoder weights and volume content
+    embeddings_dir: str | None = None  # default <model_dir>/embeddings
     train_every_labels: int = 4  # start a round after this many new final labels (0: off)
     train_interval_minutes: float = 60.0  # ...or this often when any label is new (0: off)
     train_steps: int = 400  # optimiser steps per round (~380 reached 0.8 Dice on the sample data)
@@ -138,7 +141,7 @@ class AppSettings:
                 continue  # MONAI Label's own keys (e.g. server_mode) pass through
             if key in ("model", "device", "modality", "tracking", "encoder_runtime"):
                 values[key] = str(raw).strip()
-            elif key in ("checkpoint", "model_dir", "encoder_export_dir"):
+            elif key in ("checkpoint", "model_dir", "encoder_export_dir", "embeddings_dir"):
                 values[key] = str(raw).strip() or None
             elif key == "labels":
                 values[key] = parse_labels(str(raw))

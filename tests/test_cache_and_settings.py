@@ -64,6 +64,8 @@ def test_defaults_and_passthrough_keys():
     )
     assert settings.encoder_export_dir is None  # the app's <model_dir>/openvino
     assert AppSettings.from_conf({"encoder_export_dir": " /srv/exports "}).encoder_export_dir == "/srv/exports"
+    assert settings.embeddings_dir is None  # the app's <model_dir>/embeddings
+    assert AppSettings.from_conf({"embeddings_dir": "/scratch/emb"}).embeddings_dir == "/scratch/emb"
 
 
 def test_roi_slack_is_the_models_unless_the_conf_sets_one():

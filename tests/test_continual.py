@@ -8,6 +8,7 @@ through MONAILabelClient, the schedule starts the round in MONAI Label's train s
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -136,6 +137,9 @@ def test_labels_saved_by_a_client_train_a_version_that_segments_a_new_volume(lea
     assert version["published"] and version["labels_used"].keys() == {"sub-01", "sub-02"}
     assert set(version["metrics"]["validation"]["auto"]) == set(labels)
     assert "sha256" not in version, "digests stay on the server"
+    # the round kept its embeddings in the configured folder (shared by the session's servers), not the model's
+    assert list(Path(learning_server.conf["embeddings_dir"]).rglob("*.pt")), "no embeddings where the conf says"
+    assert not (Path(learning_server.conf["model_dir"]) / "embeddings").exists()
 
     status = _train_status(client)
     details = "\n".join(status.get("details", []))

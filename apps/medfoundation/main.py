@@ -68,6 +68,7 @@ class MedFoundationApp(MONAILabelApp):
         self.model_dir = Path(self.settings.model_dir or Path(app_dir) / "model")
         self.base_model = build_model(self.settings.model, self.settings.checkpoint, self.model_dir, device)
         self.versions = VersionStore(self.model_dir, self.base_model.base_version)
+        self.embeddings_dir = Path(self.settings.embeddings_dir or self.model_dir / "embeddings")
         model = self.load_version(self.versions.served())
         self.schedule: RetrainSchedule | None = None
         self.server_process = False  # True once on_init_complete ran: train/scoring subprocesses never get there
@@ -175,7 +176,7 @@ class MedFoundationApp(MONAILabelApp):
             self.versions,
             self.settings.labels,
             config,
-            self.model_dir / "embeddings",
+            self.embeddings_dir,
             self.settings.tracking,
         )
         return {"foundation": trainer}
@@ -192,7 +193,9 @@ class MedFoundationApp(MONAILabelApp):
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         config = ScoreConfig(slices=self.settings.score_slices, mask_threshold=self.settings.decoder_threshold)
-        method = FoundationUncertainty(self.service, self.model_dir, config, self.versions, self.load_version)
+        method = FoundationUncertainty(
+            self.service, self.model_dir, self.embeddings_dir, config, self.versions, self.load_version
+        )
         return {"foundation_uncertainty": method}
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:

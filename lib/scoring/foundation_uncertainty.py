@@ -45,6 +45,7 @@ class FoundationUncertainty(ScoringMethod):
         self,
         service: SegmentationService,
         model_dir: Path,
+        embeddings_dir: Path,
         config: ScoreConfig,
         versions: VersionStore,
         load_version: Callable[[int], LoadedModel],
@@ -55,7 +56,8 @@ class FoundationUncertainty(ScoringMethod):
             "with the previous version; before any training, distance in embedding space (cold start)"
         )
         self.service = service
-        self.model_dir = Path(model_dir)
+        self.model_dir = Path(model_dir)  # the descriptors file
+        self.embeddings_dir = Path(embeddings_dir)
         self.config = config
         self.versions = versions
         self.load_version = load_version
@@ -74,7 +76,7 @@ class FoundationUncertainty(ScoringMethod):
         )
         views = default_views(config, network.image_size, network.mask_input_size[0])
         stores = view_stores(
-            self.model_dir / "embeddings",
+            self.embeddings_dir,
             model.encoder_version,
             self.service.predictor.encode_pixels,
             network.image_size,
