@@ -62,7 +62,7 @@ def server_folders(sample_data: Path, tmp_path_factory, name: str) -> tuple[Path
     return studies, tmp_path_factory.mktemp(f"server{name}") / "server.log"
 
 
-_SHARED_CONF: dict[str, str] = {}  # what every test server's --conf takes: the shared export and embedding folders
+_SHARED_CONF: dict[str, str] = {}  # what every test server's --conf takes: the shared encoder export folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -72,16 +72,6 @@ def shared_encoder_exports(tmp_path_factory) -> Path:
     slow CI machine). A trained version's encoder has other weights and still gets its own export."""
     folder = tmp_path_factory.mktemp("openvino")
     _SHARED_CONF["encoder_export_dir"] = str(folder)
-    return folder
-
-
-@pytest.fixture(scope="session", autouse=True)
-def shared_embeddings(tmp_path_factory) -> Path:
-    """One slice-embedding folder for every test server's rounds and scoring runs: the sample volumes are encoded
-    once a session, not once a test (about 40 s for two volumes on a 2-core AVX2 machine). Embeddings are keyed
-    by the encoder's weights and the volume's content, so what a test gets is the same either way."""
-    folder = tmp_path_factory.mktemp("embeddings")
-    _SHARED_CONF["embeddings_dir"] = str(folder)
     return folder
 
 

@@ -97,6 +97,7 @@ def learning_server(sample_data, tmp_path_factory):
         train_every_labels="2",
         train_steps=str(SERVER_TRAIN_STEPS),
         train_slice_step=str(TEST_TRAIN.slice_step),
+        embeddings_dir=str(tmp_path_factory.mktemp("embeddings-continual")),
     )
     with ServerProcess(studies, log, conf, env=QUIET_ENV) as process:
         yield process
@@ -137,7 +138,7 @@ def test_labels_saved_by_a_client_train_a_version_that_segments_a_new_volume(lea
     assert version["published"] and version["labels_used"].keys() == {"sub-01", "sub-02"}
     assert set(version["metrics"]["validation"]["auto"]) == set(labels)
     assert "sha256" not in version, "digests stay on the server"
-    # the round kept its embeddings in the configured folder (shared by the session's servers), not the model's
+    # the round kept its embeddings in the folder the conf names, not in the model folder
     assert list(Path(learning_server.conf["embeddings_dir"]).rglob("*.pt")), "no embeddings where the conf says"
     assert not (Path(learning_server.conf["model_dir"]) / "embeddings").exists()
 
