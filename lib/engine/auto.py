@@ -2,8 +2,7 @@
 
 Coarse to fine, so a volume costs the slices that matter: every `coarse_step`-th slice is segmented first,
 then every slice between the first and last slice of each label's largest part in that coarse stack (plus a
-margin). Each label keeps
-its largest 3D connected part, which removes stray islands a slice-wise head can leave.
+margin). Each label keeps its largest 3D connected part, which removes stray islands a slice-wise head can leave.
 """
 
 from __future__ import annotations
