@@ -110,6 +110,23 @@ def test_an_image_over_the_size_limit_is_refused_before_its_data_is_read(sample_
     assert VolumeStore(IntensityConfig(), max_voxels=6_000_000).get(image).shape == nib.load(image).shape
 
 
+def test_a_volume_is_keyed_by_content_so_a_copy_finds_its_embeddings(sample_data, tmp_path):
+    import shutil
+
+    original = sample_data / "studies" / "sub-01.nii.gz"
+    copy = tmp_path / "copied-elsewhere.nii.gz"
+    shutil.copy(original, copy)  # a new path and modification time, the same bytes
+    key = VolumeStore(IntensityConfig()).get(original).key
+    assert VolumeStore(IntensityConfig()).get(copy).key == key
+    assert VolumeStore(IntensityConfig(ct_window=(0.0, 80.0))).get(copy).key != key, "intensity settings count"
+
+    image = nib.load(copy)
+    changed = np.asarray(image.dataobj).copy()
+    changed[0, 0, 0] += 1  # one voxel: another volume
+    nib.save(nib.Nifti1Image(changed, image.affine, image.header), copy)
+    assert VolumeStore(IntensityConfig()).get(copy).key != key
+
+
 def test_concurrent_clicks_on_one_new_slice_encode_it_once(engine):
     from concurrent.futures import ThreadPoolExecutor
 

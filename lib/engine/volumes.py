@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -84,8 +85,21 @@ def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
     return array, np.asarray(affine, dtype=np.float64)
 
 
+@functools.lru_cache(maxsize=4096)
+def _content_digest(real_path: str, size: int, mtime_ns: int) -> str:
+    """SHA-1 of a file's bytes, computed once per file version (the arguments): ~10 ms for a 5 MB MR, well
+    under a second for a large CT, against ~1 s to encode one slice. A folder (a DICOM series) keeps its
+    path-based identity."""
+    if not os.path.isfile(real_path):
+        return f"{real_path}|{size}|{mtime_ns}"
+    with open(real_path, "rb") as file:
+        return hashlib.file_digest(file, "sha1").hexdigest()
+
+
 class VolumeStore:
-    """LRU of prepared volumes keyed by file identity (path, size, mtime) and intensity settings.
+    """LRU of prepared volumes keyed by file content and intensity settings: a copy of an image (another
+    datastore, a re-import, a second server's studies) is the same volume, and its slices' embeddings are
+    found again wherever they are kept.
 
     Args:
         capacity: at most this many volumes...
@@ -111,8 +125,8 @@ class VolumeStore:
 
     def _identity(self, path: str) -> str:
         stat = os.stat(path)
-        raw = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{self.intensity.key}"
-        return hashlib.sha1(raw.encode()).hexdigest()[:16]
+        digest = _content_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        return hashlib.sha1(f"{digest}|{self.intensity.key}".encode()).hexdigest()[:16]
 
     def _check_size(self, path: str) -> None:
         try:
