@@ -62,7 +62,7 @@ def server_folders(sample_data: Path, tmp_path_factory, name: str) -> tuple[Path
     return studies, tmp_path_factory.mktemp(f"server{name}") / "server.log"
 
 
-_SHARED_CONF: dict[str, str] = {}  # what every test server's --conf takes: the shared encoder export folder
+_SHARED_CONF: dict[str, str] = {}  # what every test server's --conf takes: the shared folders below
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -72,6 +72,16 @@ def shared_encoder_exports(tmp_path_factory) -> Path:
     slow CI machine). A trained version's encoder has other weights and still gets its own export."""
     folder = tmp_path_factory.mktemp("openvino")
     _SHARED_CONF["encoder_export_dir"] = str(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_embeddings(tmp_path_factory) -> Path:
+    """One slice-embedding folder for every test server of the session: the store names a volume by its
+    content, so the sample volumes' training and scoring slices are encoded once a session (each server's copy
+    of the studies included), not once a test. The engine-level round tests keep their own, to see reuse."""
+    folder = tmp_path_factory.mktemp("embeddings")
+    _SHARED_CONF["embeddings_dir"] = str(folder)
     return folder
 
 

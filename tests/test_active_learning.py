@@ -148,7 +148,7 @@ def active_server(sample_data, tmp_path_factory):
         sample_data,
         tmp_path_factory.mktemp("model-active"),
         train_every_labels="2",
-        train_steps="60",
+        train_steps="24",
         train_slice_step="4",
         score_slices="4",
         lease_minutes="30",

@@ -33,8 +33,9 @@ pytestmark = pytest.mark.slow
 # fewer steps than a real round, on every 4th labelled slice: enough to learn every label a little
 TEST_TRAIN = TrainConfig(steps=120, slice_step=4)
 # the server's round must leave a head that finds most structures in a new volume: after 120 steps it found 4
-# of 10 in one CI run (6 or more in others; CPU training is not bit-reproducible), so it gets twice that
-SERVER_TRAIN_STEPS = 2 * TEST_TRAIN.steps
+# of 10 in one CI run (6 or more in others; CPU training is not bit-reproducible), so it gets a third more
+# (240 steps reached validation Dice 0.63 at step 120 and 0.68 at step 156 of its schedule)
+SERVER_TRAIN_STEPS = 160
 
 
 def _image(sample_data, subject, label_dir=None):
@@ -78,7 +79,7 @@ def test_round_is_published_and_a_worse_round_is_kept_but_not_served(
     nib.save(nib.Nifti1Image(wrong.astype(np.uint8), truth.affine), wrong_dir / f"{train[0].image_id}.nii.gz")
     served = lite_model.with_version(1, versions.load_state(1), meta)
     bad_images = [_image(sample_data, train[0].image_id, wrong_dir), val[0]]
-    quick = RoundConfig(train=TrainConfig(steps=40, slice_step=TEST_TRAIN.slice_step))  # wrong fast is enough
+    quick = RoundConfig(train=TrainConfig(steps=16, slice_step=TEST_TRAIN.slice_step))  # wrong fast is enough
     second = run_round(served, bad_images, labels, versions, embeddings, volumes, quick)
     assert not second.published
     assert "<" in second.reason, second.reason
@@ -97,7 +98,6 @@ def learning_server(sample_data, tmp_path_factory):
         train_every_labels="2",
         train_steps=str(SERVER_TRAIN_STEPS),
         train_slice_step=str(TEST_TRAIN.slice_step),
-        embeddings_dir=str(tmp_path_factory.mktemp("embeddings-continual")),
     )
     with ServerProcess(studies, log, conf, env=QUIET_ENV) as process:
         yield process
@@ -138,7 +138,8 @@ def test_labels_saved_by_a_client_train_a_version_that_segments_a_new_volume(lea
     assert version["published"] and version["labels_used"].keys() == {"sub-01", "sub-02"}
     assert set(version["metrics"]["validation"]["auto"]) == set(labels)
     assert "sha256" not in version, "digests stay on the server"
-    # the round kept its embeddings in the folder the conf names, not in the model folder
+    # the round kept its embeddings in the folder the conf names (the session's, shared by the test servers),
+    # not in the model folder
     assert list(Path(learning_server.conf["embeddings_dir"]).rglob("*.pt")), "no embeddings where the conf says"
     assert not (Path(learning_server.conf["model_dir"]) / "embeddings").exists()
 
@@ -161,7 +162,7 @@ def test_labels_saved_by_a_client_train_a_version_that_segments_a_new_volume(lea
     scores = {name: dice(predicted == value, truth == value) for name, value in labels.items()}
     assert len(params["labels_found"]) >= 6, params
     # one training volume and 120 steps: 0.28 in one CI run, above 0.3 in earlier ones (CPU training is not
-    # bit-reproducible), now 240 steps; a head that learned nothing scores ~0.01. Quality is bench-learning's.
+    # bit-reproducible), now 160 steps; a head that learned nothing scores ~0.01. Quality is bench-learning's.
     assert np.mean(list(scores.values())) > 0.2, scores
 
     # a request rolls back to the zero-shot base model; nothing is deleted

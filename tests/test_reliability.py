@@ -252,7 +252,7 @@ def test_sigkill_during_training_and_during_publishing_leaves_a_served_model_tha
 ):
     studies, log = server_folders(sample_data, tmp_path_factory, "-killtrain")
     model_dir = tmp_path_factory.mktemp("model-killtrain")
-    conf = {**_conf(sample_data, model_dir), "train_steps": "30", "train_slice_step": "8"}
+    conf = {**_conf(sample_data, model_dir), "train_steps": "10", "train_slice_step": "8"}
     versions = model_dir / "versions"
 
     with ServerProcess(studies, log, conf, env=QUIET_ENV) as server:
