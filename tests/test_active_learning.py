@@ -136,6 +136,14 @@ def test_score_volume_on_the_real_model(sample_data, labels, lite_model, tmp_pat
     assert set(first.parts) <= set(PARTS) and all(0 <= v <= 1 for v in first.parts.values())
     if "version_disagreement" in first.parts:  # the same head twice agrees with itself
         assert first.parts["version_disagreement"] == 0.0
+    not_found = sum(name not in first.labels or first.labels[name] == 1.0 for name in labels) / len(labels)
+    assert first.parts["labels_not_found"] <= not_found
+
+    # a head that finds nothing: every label scores 1, and the ranked view says why
+    with torch.no_grad():
+        head.classify.bias[0] = 1e4  # background wins everywhere
+    blind = score_volume(trained, volume, stores, views, config)
+    assert blind.score == 1.0 and blind.parts == {"labels_not_found": 1.0}, blind.parts
 
 
 # ---- the server ---------------------------------------------------------------------------------------------
@@ -148,7 +156,7 @@ def active_server(sample_data, tmp_path_factory):
         sample_data,
         tmp_path_factory.mktemp("model-active"),
         train_every_labels="2",
-        train_steps="24",
+        train_steps="60",  # its head must find structures in a new volume (24 steps found none)
         train_slice_step="4",
         score_slices="4",
         lease_minutes="30",

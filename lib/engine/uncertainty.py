@@ -44,6 +44,7 @@ PARTS = (
     "predicted_iou_gap",
     "entropy",
     "version_disagreement",
+    "labels_not_found",  # share of the labels no view finds (each such label scores 1)
 )
 
 
@@ -251,6 +252,7 @@ def score_volume(
 
     decoder = _decoder_parts(network, plain[0], plain[2], len(head.names), config)
     labels: dict[str, float] = {}
+    found: set[str] = set()
     parts: dict[str, list[float]] = {p: [] for p in PARTS}
     for channel, name in enumerate(head.names, start=1):
         masks = [c == channel for c in channels]
@@ -258,6 +260,7 @@ def score_volume(
         if not union.any():
             labels[name] = 1.0
             continue
+        found.add(name)
         values = {
             "augmentation_disagreement": 1.0 - float(np.mean([dice(m, masks[0]) for m in masks[1:]])),
             "entropy": float(entropy[union].mean()),
@@ -269,6 +272,8 @@ def score_volume(
         labels[name] = round(float(np.mean(list(values.values()))), 4)
         for part, value in values.items():
             parts[part].append(value)
+    # the ranked view says why even when the head finds nothing at all (then this is the only part)
+    parts["labels_not_found"] = [sum(name not in found for name in head.names) / len(head.names)]
     return VolumeScore(
         descriptor,
         round(float(np.mean(list(labels.values()))), 4),
