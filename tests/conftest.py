@@ -79,7 +79,7 @@ def shared_encoder_exports(tmp_path_factory) -> Path:
 def shared_embeddings(tmp_path_factory) -> Path:
     """One slice-embedding folder for every test server of the session: the store names a volume by its
     content, so the sample volumes' training and scoring slices are encoded once a session (each server's copy
-    of the studies included), not once a test. The engine-level round tests keep their own, to see reuse."""
+    of the studies included), not once a test. The engine-level round tests use it too."""
     folder = tmp_path_factory.mktemp("embeddings")
     _SHARED_CONF["embeddings_dir"] = str(folder)
     return folder
