@@ -20,9 +20,12 @@ from lib.settings import AppSettings, ConfError
 
 
 @pytest.mark.slow
-def test_openvino_masks_agree_with_the_reference_on_sample_slices(sample_data, lite_model, tmp_path):
+def test_openvino_masks_agree_with_the_reference_on_sample_slices(sample_data, lite_model, shared_encoder_exports):
+    # the session's export (what every server runs); exporting and reloading is the next test's
     volumes = VolumeStore(IntensityConfig(), capacity=2)
-    predictor = SlicePredictor(lite_model, EmbeddingCache(1 << 28), encoder_runtime="openvino", ir_dir=tmp_path)
+    predictor = SlicePredictor(
+        lite_model, EmbeddingCache(1 << 28), encoder_runtime="openvino", ir_dir=shared_encoder_exports
+    )
     assert predictor.encoder().name == "openvino-f32"
     prompts = []
     for subject in ("sub-01", "sub-03"):

@@ -478,8 +478,9 @@ def train(
             optimizer.step()
             losses.append(loss.item())
             step += 1
-        # a few volumes make many short epochs: validate about 20 times a round, and after the last epoch
-        if val_cases and (epoch % max(1, epochs // 20) == 0 or epoch == epochs):
+        # a few volumes make many short epochs: validate about 10 times a round (each costs about a step), and
+        # after the last epoch
+        if val_cases and (epoch % max(1, epochs // 10) == 0 or epoch == epochs):
             validation = evaluate(model, head, val_cases, head.names, prompted=False)["auto_mean"]
         else:
             validation = None
