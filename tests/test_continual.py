@@ -32,10 +32,11 @@ pytestmark = pytest.mark.slow
 
 # fewer steps than a real round, on every 4th labelled slice: enough to learn every label a little
 TEST_TRAIN = TrainConfig(steps=120, slice_step=4)
-# the server's round must leave a head that finds structures in a new volume: after 120 steps it found 4 of 10
-# with mean Dice 0.28 in the worst CI run on record (6 or more and above 0.3 in others; CPU training is not
-# bit-reproducible); a head that learned nothing finds none (Dice ~0.01). Quality is bench-learning's to show.
-SERVER_TRAIN_STEPS = TEST_TRAIN.steps
+# the server's round must leave a head that finds most structures in a new volume. CPU training is not
+# bit-reproducible: after 120 steps it found 4 of 10 in one CI run, and its validation Dice was 0.21 in another
+# (0.50-0.65 at step 120 of longer rounds); 160 steps reached 0.68 and 0.54 in two full runs. A head that
+# learned nothing finds none (Dice ~0.01). Quality is bench-learning's to show.
+SERVER_TRAIN_STEPS = 160
 
 
 def _image(sample_data, subject, label_dir=None):
@@ -162,7 +163,7 @@ def test_labels_saved_by_a_client_train_a_version_that_segments_a_new_volume(lea
     predicted = np.asarray(nib.load(result_file).dataobj)
     truth = load_truth(sample_data, "sub-03")
     scores = {name: dice(predicted == value, truth == value) for name, value in labels.items()}
-    assert len(params["labels_found"]) >= 4, params
+    assert len(params["labels_found"]) >= 6, params
     assert np.mean(list(scores.values())) > 0.2, scores
 
     # a request rolls back to the zero-shot base model; nothing is deleted
