@@ -104,7 +104,7 @@ class AppSettings:
     # OpenVINO exports of the encoder, named by its weights' digest (apps on one machine may share a folder)
     encoder_export_dir: str | None = None  # default <model_dir>/openvino
     # slice embeddings kept for training and scoring (large and rebuilt at will, unlike versions): a scratch disk
-    # will do, and servers of the same image files may share one; keyed by encoder weights and image file
+    # will do, and servers of the same images may share one; keyed by encoder weights and volume content
     embeddings_dir: str | None = None  # default <model_dir>/embeddings
     train_every_labels: int = 4  # start a round after this many new final labels (0: off)
     train_interval_minutes: float = 60.0  # ...or this often when any label is new (0: off)
