@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lib.engine.interactive import PropagationConfig
 from lib.model.registry import MODEL_REGISTRY, ModelSpec
 from lib.model.runtime import RUNTIMES
 
@@ -131,6 +132,19 @@ class AppSettings:
     def roi_slack(self) -> float:
         """How far beyond the roi's in-plane box a propagated mask may reach (fraction of the box a side)."""
         return self.model_spec.roi_slack if self.propagation_roi_slack is None else self.propagation_roi_slack
+
+    def propagation_config(self) -> PropagationConfig:
+        """The `foundation` task's 3D propagation, as the server runs it (benchmarks score the same)."""
+        return PropagationConfig(
+            margin=self.propagation_margin,
+            use_mask_prompt=self.propagation_mask_prompt,
+            end_taper=self.propagation_end_taper,
+            roi_slack=self.roi_slack,
+            plane_guide=self.propagation_plane_guide,
+            smooth_sigma=self.propagation_smooth,
+            first_context=self.focus_context,  # the prompted slice gets what 2D would give
+            click_corrections=self.click_corrections,
+        )
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:

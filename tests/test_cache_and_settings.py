@@ -85,6 +85,20 @@ def test_plane_guidance_and_smoothing_are_on_by_default_and_can_be_turned_off():
             AppSettings.from_conf({"propagation_smooth": bad})
 
 
+def test_the_propagation_config_carries_every_propagation_key_and_the_models_slack():
+    # the server and the benchmarks both build the 3D propagation from this, so a conf key reaches both
+    conf = {
+        "propagation_margin": "5", "propagation_mask_prompt": "true", "propagation_end_taper": "false",
+        "propagation_plane_guide": "0", "propagation_smooth": "0.5", "focus_context": "2",
+        "click_corrections": "false",
+    }  # fmt: skip
+    config = AppSettings.from_conf(conf).propagation_config()
+    assert (config.margin, config.use_mask_prompt, config.end_taper) == (5, True, False)
+    assert (config.plane_guide, config.smooth_sigma, config.first_context) == (0.0, 0.5, 2.0)
+    assert config.click_corrections is False and config.roi_slack == 0.5  # LiteMedSAM's own
+    assert AppSettings.from_conf({"model": "mobile_sam"}).propagation_config().roi_slack == 0.25
+
+
 def test_mask_threshold_is_the_models_unless_the_conf_sets_one():
     assert AppSettings().decoder_threshold == -1.5  # LiteMedSAM's calibrated threshold
     assert AppSettings.from_conf({"model": "mobile_sam"}).decoder_threshold == 0.0  # SAM's

@@ -34,7 +34,6 @@ from lib.activelearning.strategies import Diverse, FirstUnlabelled, RandomUnlabe
 from lib.datastore.dicomweb import MONAILABEL_SEARCH_FILTER, PacsDatastore, search_filter  # noqa: E402
 from lib.datastore.local import SafeLocalDatastore  # noqa: E402
 from lib.engine.continual import RoundConfig  # noqa: E402
-from lib.engine.interactive import PropagationConfig  # noqa: E402
 from lib.engine.preprocessing import IntensityConfig  # noqa: E402
 from lib.engine.service import SegmentationService, ServiceConfig  # noqa: E402
 from lib.engine.training import TrainConfig  # noqa: E402
@@ -80,16 +79,7 @@ class MedFoundationApp(MONAILabelApp):
                 max_voxels=int(self.settings.max_megavoxels * 1e6),
                 volume_bytes=self.settings.volume_cache_mb << 20,
                 intensity=IntensityConfig(self.settings.modality, self.settings.ct_window),
-                propagation=PropagationConfig(
-                    margin=self.settings.propagation_margin,
-                    use_mask_prompt=self.settings.propagation_mask_prompt,
-                    end_taper=self.settings.propagation_end_taper,
-                    roi_slack=self.settings.roi_slack,
-                    plane_guide=self.settings.propagation_plane_guide,
-                    smooth_sigma=self.settings.propagation_smooth,
-                    first_context=self.settings.focus_context,  # the prompted slice gets what 2D would give
-                    click_corrections=self.settings.click_corrections,
-                ),
+                propagation=self.settings.propagation_config(),
                 prefetch_slices=self.settings.prefetch_slices,
                 encoder_bf16=self.settings.encoder_bf16,
                 encoder_runtime=self.settings.encoder_runtime,

@@ -26,7 +26,7 @@ from lib.engine.auto import auto_segment
 from lib.engine.cache import EmbeddingCache
 from lib.engine.continual import LabelledImage, RoundConfig, run_round
 from lib.engine.embedding_store import EmbeddingStore
-from lib.engine.interactive import PropagationConfig, propagate
+from lib.engine.interactive import propagate
 from lib.engine.predictor import SlicePredictor
 from lib.engine.preprocessing import IntensityConfig
 from lib.engine.prompts import Prompt
@@ -44,10 +44,7 @@ def held_out_scores(
     predictor: SlicePredictor, volumes: VolumeStore, data: Path, subjects: list[str], labels: dict[str, int]
 ) -> dict:
     """Mean 3D Dice per label over the held-out subjects, automatic and box-prompted."""
-    settings = AppSettings(model=predictor.model.spec.name)  # the server's defaults for this model
-    propagation = PropagationConfig(
-        margin=settings.propagation_margin, first_context=settings.focus_context, roi_slack=settings.roi_slack
-    )
+    propagation = AppSettings(model=predictor.model.spec.name).propagation_config()  # the server's, this model's
     auto: dict[str, list[float]] = {n: [] for n in labels}
     boxed: dict[str, list[float]] = {n: [] for n in labels}
     seconds = {"auto": 0.0, "prompted": 0.0}
@@ -106,7 +103,8 @@ def report(results: dict) -> str:
     lines = [
         f"# Continual learning on the sample data ({results['date']})",
         "",
-        f"Model {results['model']}; held out: {', '.join(results['held_out'])}; "
+        f"Model {results['model']} (encoder on {results.get('encoder', 'torch')}); "
+        f"held out: {', '.join(results['held_out'])}; "
         f"{results['train']['steps']} steps a round. Mean 3D Dice over {len(results['labels'])} structures.",
         "",
         "| labelled volumes | version | served | automatic | box-prompted 3D | round wall time | of which embedding |",
@@ -147,19 +145,24 @@ def main() -> None:
     base = build_model(args.model, model_dir=args.out / "model", device=args.device)
     model_dir = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh versions: never an earlier run's
     versions = VersionStore(model_dir, base.base_version)
+    settings = AppSettings(model=args.model)
+    # the server's encoder (OpenVINO float32 on a CPU): rounds and scores embed what a served round embeds
     predictor = SlicePredictor(
         base,
         EmbeddingCache(3 << 30),
         device=args.device,
-        encoder_autocast=True,
-        mask_threshold=AppSettings(model=args.model).decoder_threshold,
+        encoder_autocast=settings.encoder_bf16 if args.device == "cpu" else True,
+        encoder_runtime=settings.encoder_runtime,
+        ir_dir=args.out / "model" / "openvino",
+        mask_threshold=settings.decoder_threshold,
     )
     volumes = VolumeStore(IntensityConfig(), capacity=16)
     # embeddings are keyed by encoder and volume content, so later runs reuse them (the encoder is frozen)
     embeddings = EmbeddingStore(args.out / "embeddings", base.encoder_version, predictor.encode_pixels, 256)
     config = RoundConfig(train=TrainConfig(steps=args.steps))
     results = {
-        "date": time.strftime("%Y-%m-%d"), "model": base.version, "labels": list(labels), "held_out": held_out,
+        "date": time.strftime("%Y-%m-%d"), "model": base.version, "encoder": predictor.encoder().name,
+        "labels": list(labels), "held_out": held_out,
         "train": {"steps": args.steps}, "device": args.device, "points": [],
     }  # fmt: skip
     begin = time.perf_counter()
