@@ -58,11 +58,13 @@ class Bench:
         )  # fmt: skip
         self.volumes = VolumeStore(IntensityConfig(), capacity=24)
         self.score_config = ScoreConfig(slices=args.score_slices)
-        self.views = default_views(self.score_config, self.base.network.image_size, 256)
+        network = self.base.network
+        self.views = default_views(self.score_config, network.image_size, network.mask_input_size[0])
         # embeddings are keyed by encoder and volume content: every run (and a later rerun) reuses them
         self.stores = view_stores(
-            args.out / "embeddings", self.base.encoder_version, self.predictor.encode_pixels, 256, 256, self.views
-        )
+            args.out / "embeddings", self.base.encoder_version, self.predictor.encode_pixels, network.image_size,
+            network.mask_input_size[0], self.views,
+        )  # fmt: skip
         self.scores: dict[tuple[str, str], VolumeScore] = {}
         self.score_seconds: dict[str, list[float]] = {"first": [], "again": []}
 

@@ -81,7 +81,11 @@ def main() -> None:
         for s in subjects
     ]
     predictor = SlicePredictor(base, EmbeddingCache(2 << 30), device=device, encoder_autocast=True)
-    store = EmbeddingStore(work / "embeddings", base.encoder_version, predictor.encode_pixels, 256, batch=16)
+    network = base.network
+    store = EmbeddingStore(
+        work / "embeddings", base.encoder_version, predictor.encode_pixels, network.image_size,
+        network.mask_input_size[0], batch=16,
+    )  # fmt: skip
     versions = VersionStore(work / "model", base.base_version)
     volumes = VolumeStore(IntensityConfig())
     outcome = run_round(
