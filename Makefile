@@ -78,6 +78,7 @@ else
 	$(PY) -m lib.evaluation.bench_speed --data $(DATA) --out bench-results \
 		$(if $(wildcard bench-results/active/run-*/uncertain-0),--version-dir $(lastword $(sort $(wildcard bench-results/active/run-*/uncertain-0))),)
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning
+	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning-mobile_sam --model mobile_sam
 	$(PY) -m lib.evaluation.bench_active --data $(DATA) --out bench-results/active
 endif
 	$(PY) -m lib.evaluation.bench_report --out bench-results
@@ -85,6 +86,8 @@ endif
 # continual learning: rounds after 2, 4, 8 labelled volumes, scored on 4 held-out ones (~40 min on 2 cores)
 bench-learning: venv data
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning
+	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning-mobile_sam --model mobile_sam
+	$(PY) -m lib.evaluation.bench_report --out bench-results
 
 # active learning: uncertain / diverse / random (3 seeds) picking from 12 volumes, 4 held out (~2.5 h on 2 cores)
 bench-active: venv data

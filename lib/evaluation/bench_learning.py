@@ -99,6 +99,35 @@ def plot(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def plot_models(runs: dict[str, dict], path: Path) -> None:
+    """The two paths to a medical foundation model side by side: one line per model and mode, Dice against the
+    labelled volumes (zero-shot at 0; automatic mode starts after the first round, as a model has no head before).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for (name, results), colour in zip(runs.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False):
+        points = results["points"]
+        counts = [p["labelled"] for p in points]
+        axis.plot(counts, [p["held_out"]["prompted_mean"] for p in points], "s-", color=colour,
+                  label=f"{name}: 3D box ({results['date']})")  # fmt: skip
+        learned = [p for p in points if p["labelled"] > 0]
+        axis.plot([p["labelled"] for p in learned], [p["held_out"]["auto_mean"] for p in learned], "o--",
+                  color=colour, label=f"{name}: automatic")  # fmt: skip
+    axis.set_xlabel("labelled volumes")
+    axis.set_ylabel("mean 3D Dice on held-out volumes")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8)
+    axis.set_title("Continual learning: medical (LiteMedSAM) vs natural-image (MobileSAM) start", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def report(results: dict) -> str:
     lines = [
         f"# Continual learning on the sample data ({results['date']})",

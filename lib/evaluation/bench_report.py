@@ -25,6 +25,9 @@ ANCHORS = [
 ]
 
 
+LEARNING_SECTIONS = ("continual_learning", "continual_learning_mobile_sam")
+
+
 def _load_report(results: dict) -> str:
     from lib.evaluation.bench_load import report
 
@@ -43,6 +46,10 @@ def sections(out: Path) -> list[tuple[str, list[Path], Callable[[dict], str], st
         ("interactive", [out / "interactive.json"], bench_interactive.report, "make bench"),
         ("active_learning", [out / "active" / "results.json"], bench_active.report, "make bench-active"),
         ("continual_learning", [out / "learning" / "results.json"], bench_learning.report, "make bench-learning"),
+        (
+            "continual_learning_mobile_sam", [out / "learning-mobile_sam" / "results.json"], bench_learning.report,
+            "make bench-learning",
+        ),
         ("baseline", [out / "baseline" / "results.json"], bench_baseline.report, "make bench"),
         ("speed", [out / "speed.json"], bench_speed.report, "make bench"),
         ("load", [out / "load.json"], _load_report, "make bench-load"),
@@ -61,6 +68,9 @@ def gather(out: Path) -> tuple[dict, str]:
         written = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
         results["sections"][name] = {"source": str(path.relative_to(out)), "written": written, "results": data}
         body += [f"<!-- {name}: {path.relative_to(out)}, written {written} -->", render(data), ""]
+    learning = [results["sections"][n]["results"] for n in LEARNING_SECTIONS if n in results["sections"]]
+    if len(learning) > 1:  # both paths to a medical model measured: one plot side by side
+        bench_learning.plot_models({r["model"].split("@")[0]: r for r in learning}, out / "learning_models.png")
     plots = sorted(p.name for p in out.rglob("*.png") if p.parent == out or p.parent.name in ("active", "learning"))
     lines = [
         f"# medfoundation benchmark ({results['generated']})",
