@@ -89,6 +89,8 @@ class AppSettings:
     # move each propagated box towards the centre a sagittal and a coronal cut show, by at most this many pixels
     propagation_plane_guide: float = 2.0
     propagation_smooth: float = 1.0  # Gaussian sigma (voxels) that smooths the propagated 3D mask (0: off)
+    # 3: with an roi, also propagate through sagittal and coronal slices and fuse the three masks; 1: axial only
+    propagation_planes: int = 1
     click_corrections: bool = True  # edit masks to agree with every click (off: the model's mask as it is)
     focus_context: float = 3.0  # 2D box prompts: segment a window this many times the box (0: whole slice)
     # the image encoder: float32 on OpenVINO (auto, on a CPU) answers exactly as torch float32 at bf16 torch's speed;
@@ -142,6 +144,7 @@ class AppSettings:
             roi_slack=self.roi_slack,
             plane_guide=self.propagation_plane_guide,
             smooth_sigma=self.propagation_smooth,
+            planes=self.propagation_planes,
             first_context=self.focus_context,  # the prompted slice gets what 2D would give
             click_corrections=self.click_corrections,
         )
@@ -184,6 +187,10 @@ class AppSettings:
                 values[key] = _number(key, raw, float, -1.0)
             elif key in ("propagation_plane_guide", "propagation_smooth"):
                 values[key] = _number(key, raw, float, 0.0)
+            elif key == "propagation_planes":
+                values[key] = _number(key, raw, int, 1)
+                if values[key] not in (1, 3):
+                    raise ConfError(f"--conf propagation_planes {raw!r}: expected 1 (axial) or 3 (+ sagittal, coronal)")
             elif key in (
                 "propagation_mask_prompt",
                 "propagation_end_taper",

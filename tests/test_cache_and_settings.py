@@ -97,6 +97,11 @@ def test_the_propagation_config_carries_every_propagation_key_and_the_models_sla
     assert (config.plane_guide, config.smooth_sigma, config.first_context) == (0.0, 0.5, 2.0)
     assert config.click_corrections is False and config.roi_slack == 0.5  # LiteMedSAM's own
     assert AppSettings.from_conf({"model": "mobile_sam"}).propagation_config().roi_slack == 0.25
+    assert AppSettings().propagation_config().planes == 1  # three planes cost about three times the encodes
+    assert AppSettings.from_conf({"propagation_planes": "3"}).propagation_config().planes == 3
+    for bad in ("2", "0", "three"):
+        with pytest.raises(ConfError, match="propagation_planes"):
+            AppSettings.from_conf({"propagation_planes": bad})
 
 
 def test_mask_threshold_is_the_models_unless_the_conf_sets_one():

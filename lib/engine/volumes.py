@@ -62,6 +62,12 @@ class PreparedVolume:
         return PreparedVolume(f"{self.key}:{plane}", self.data.transpose(order)[:, ::-1, :], self.affine, self.modality)
 
 
+def from_plane_view(array: np.ndarray, plane: str) -> np.ndarray:
+    """An array laid out like `plane_view(plane).data` (e.g. a mask segmented on its slices) back as (X, Y, Z)."""
+    order = {"sagittal": (2, 0, 1), "coronal": (0, 2, 1)}[plane]  # the inverses of plane_view's transposes
+    return array[:, ::-1, :].transpose(order)
+
+
 def _read(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(X, Y, Z) float32 array and RAS affine, via nibabel for NIfTI and MONAI's ITK reader otherwise."""
     if path.endswith((".nii", ".nii.gz")):
