@@ -206,6 +206,13 @@ def test_fusing_three_planes_keeps_what_two_agree_on_and_drops_what_one_alone_sa
     assert not fuse_masks([axial, sagittal, coronal], 1.0, keep=[9])[:, :, 9].any()  # a clicked slice stays axial
     empty = np.zeros_like(axial)
     assert fuse_masks([empty, empty, empty], 1.0, keep=[]) is empty
+    # the axial walk counting twice: it still needs one view to agree, and two views without it are outvoted
+    one, two, three = (np.zeros((8, 8, 8), bool) for _ in range(3))
+    one[:4] = True
+    two[:2] = three[2:6] = True
+    weighted = fuse_masks([one, two, three], 0.0, keep=[], weights=[2.0, 1.0, 1.0])
+    assert weighted[:4].all() and not weighted[4:].any()
+    assert not fuse_masks([one, two, three], 0.0, keep=[], weights=[1.0, 1.0, 1.0])[4:].any()
 
 
 class BrightInTheBox:
@@ -233,7 +240,8 @@ def test_the_sagittal_and_coronal_walks_come_back_on_the_volumes_axes_and_fuse()
     volume = PreparedVolume("ellipsoid", np.where(truth, 200, 20).astype(np.uint8), np.eye(4), "MR")
     prompt = Prompt.from_request({"roi": roi_3d(truth), "slice": middle_slice(truth)}, volume.shape)
     config = PropagationConfig(roi_slack=0.5, plane_guide=0.0, smooth_sigma=0.0, planes=3)
-    sagittal, coronal = cross_plane_masks(BrightInTheBox(), volume, prompt, config)
+    axial = propagate(BrightInTheBox(), volume, prompt, replace(config, planes=1)).mask
+    sagittal, coronal = cross_plane_masks(BrightInTheBox(), volume, prompt, axial, config)
     assert dice(sagittal, truth) > 0.9 and dice(coronal, truth) > 0.9, (dice(sagittal, truth), dice(coronal, truth))
     fused = propagate(BrightInTheBox(), volume, prompt, config)
     assert fused.info["planes"] == 3 and dice(fused.mask, truth) > 0.9
