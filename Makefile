@@ -83,7 +83,8 @@ else
 endif
 	$(PY) -m lib.evaluation.bench_report --out bench-results
 
-# continual learning: rounds after 2, 4, 8 labelled volumes, scored on 4 held-out ones (~40 min on 2 cores)
+# continual learning, LiteMedSAM then MobileSAM: rounds after 2, 4, 8 labelled volumes, scored on 4 held-out
+# ones (LiteMedSAM ~40 min on 2 cores; MobileSAM longer, see README)
 bench-learning: venv data
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning-mobile_sam --model mobile_sam
