@@ -57,7 +57,7 @@ def test_round_is_published_and_a_worse_round_is_kept_but_not_served(
     # only its encoder is used: the server's (OpenVINO float32 where installed), from the session's export; the
     # session's embeddings (the servers' rounds may have encoded these slices already)
     predictor = SlicePredictor(lite_model, cache=None, encoder_runtime="auto", ir_dir=shared_encoder_exports)
-    embeddings = EmbeddingStore(shared_embeddings, lite_model.encoder_version, predictor.encode_pixels, 256)
+    embeddings = EmbeddingStore.for_model(shared_embeddings, lite_model, predictor.encode_pixels)
     images = [_image(sample_data, s) for s in ("sub-01", "sub-02")]
     config = RoundConfig(train=TEST_TRAIN)
 
@@ -195,7 +195,7 @@ def test_lora_round_adapts_the_encoder_and_gets_its_own_embedding_cache(
     """
     versions = VersionStore(tmp_path / "model", lite_model.base_version)
     predictor = SlicePredictor(lite_model, cache=None, encoder_runtime="auto", ir_dir=shared_encoder_exports)
-    embeddings = EmbeddingStore(shared_embeddings, lite_model.encoder_version, predictor.encode_pixels, 256)
+    embeddings = EmbeddingStore.for_model(shared_embeddings, lite_model, predictor.encode_pixels)
     images = [_image(sample_data, s) for s in ("sub-01", "sub-02")]
     config = RoundConfig(
         train=TrainConfig(steps=2, batch_slices=2, slice_step=8, negative_slices=2, encoder_lora_rank=4)

@@ -6,6 +6,7 @@ import socket
 import pytest
 import torch
 
+from lib.engine.embedding_store import EmbeddingStore
 from lib.model import MODEL_REGISTRY, CheckpointError, build_model
 from lib.model.checkpoints import CheckpointSource, load_state_dict, resolve_checkpoint, verify_checkpoint
 from lib.model.registry import build_architecture
@@ -79,6 +80,9 @@ def test_mobile_sam_weights_load_from_the_optional_package(tmp_path):
     assert model.network.image_size == 1024
     logits, _ = model.network.decode(torch.zeros(1, 256, 64, 64), None, torch.tensor([[100.0, 100, 400, 400]]), None)
     assert logits.shape == (1, 1, 256, 256)
+    # a training round's store embeds at the model's own size (a benchmark once passed LiteMedSAM's 256)
+    store = EmbeddingStore.for_model(tmp_path / "embeddings", model, model.network.image_encoder)
+    assert (store.image_size, store.low_res) == (1024, 256)
 
 
 def test_a_checkpoint_url_is_downloaded_once_verified_and_kept(tmp_path, lite_model):

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ import torch.nn.functional as F
 
 from lib.engine.preprocessing import SliceGeometry
 from lib.engine.volumes import PreparedVolume
+
+if TYPE_CHECKING:
+    from lib.model import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,13 @@ class EmbeddingStore:
         self.low_res = low_res
         self.batch = batch
         self.encoded_slices = 0
+
+    @classmethod
+    def for_model(cls, root: Path, model: LoadedModel, encode: EncodeFn, batch: int = 4) -> EmbeddingStore:
+        """The store of `model`'s encoder at the model's own input and low-res sizes (sizes passed by hand were
+        once LiteMedSAM's 256 for MobileSAM's 1024-pixel encoder)."""
+        network = model.network
+        return cls(root, model.encoder_version, encode, network.image_size, network.mask_input_size[0], batch)
 
     def _path(self, volume: PreparedVolume) -> Path:
         return self.folder / f"{volume.key}.pt"

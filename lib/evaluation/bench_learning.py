@@ -187,11 +187,7 @@ def main() -> None:
     )
     volumes = VolumeStore(IntensityConfig(), capacity=16)
     # embeddings are keyed by encoder and volume content, so later runs reuse them (the encoder is frozen)
-    network = base.network  # the model's own input side (MobileSAM's is 1024: a fixed 256 broke its rounds)
-    embeddings = EmbeddingStore(
-        args.out / "embeddings", base.encoder_version, predictor.encode_pixels, network.image_size,
-        network.mask_input_size[0],
-    )  # fmt: skip
+    embeddings = EmbeddingStore.for_model(args.out / "embeddings", base, predictor.encode_pixels)
     config = RoundConfig(train=TrainConfig(steps=args.steps))
     results = {
         "date": time.strftime("%Y-%m-%d"), "model": base.version, "encoder": predictor.encoder().name,

@@ -81,11 +81,7 @@ def main() -> None:
         for s in subjects
     ]
     predictor = SlicePredictor(base, EmbeddingCache(2 << 30), device=device, encoder_autocast=True)
-    network = base.network
-    store = EmbeddingStore(
-        work / "embeddings", base.encoder_version, predictor.encode_pixels, network.image_size,
-        network.mask_input_size[0], batch=16,
-    )  # fmt: skip
+    store = EmbeddingStore.for_model(work / "embeddings", base, predictor.encode_pixels, batch=16)
     versions = VersionStore(work / "model", base.base_version)
     volumes = VolumeStore(IntensityConfig())
     outcome = run_round(

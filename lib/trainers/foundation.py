@@ -81,13 +81,7 @@ class FoundationTrainer(TrainTask):
         if request.get("steps"):
             config = replace(config, train=replace(config.train, steps=int(request["steps"])))
         model = self.service.model
-        store = EmbeddingStore(
-            self.embeddings_dir,
-            model.encoder_version,
-            self.service.predictor.encode_pixels,
-            model.network.image_size,
-            model.network.mask_input_size[0],
-        )
+        store = EmbeddingStore.for_model(self.embeddings_dir, model, self.service.predictor.encode_pixels)
         images = labelled_images(datastore)
         try:
             report = run_round(model, images, self.labels, self.versions, store, self.service.volumes, config)
