@@ -341,17 +341,22 @@ def evaluate(
     """
     model.eval()
     device = model.pixel_mean.device
+    adapted = getattr(model, "adapted_encoder", False)
     auto: dict[str, list[float]] = {n: [] for n in names}
     boxed: dict[float, dict[str, list[float]]] = {t: {n: [] for n in names} for t in thresholds}
     for case in cases:
+        chunks = [slice(s, s + 16) for s in range(0, len(case.slices), 16)]
+        # an adapted encoder computes each slice's embedding once for both modes (seconds a slice); cached
+        # embeddings are converted a chunk at a time (a whole case in float32 can be hundreds of MB)
+        encoded = [embed(model, case, rows) for rows in chunks] if adapted else None
         if head is not None:
             head.eval()
             predicted = torch.cat(
                 [
-                    run_head(model, head, embed(model, case, slice(s, s + 16)), case.pixels[s : s + 16])
+                    run_head(model, head, encoded[k] if adapted else embed(model, case, rows), case.pixels[rows])
                     .argmax(dim=1)
                     .cpu()
-                    for s in range(0, len(case.slices), 16)
+                    for k, rows in enumerate(chunks)
                 ]
             )
         for channel, name in enumerate(names, start=1):
@@ -367,7 +372,8 @@ def evaluate(
                 continue
             boxes = torch.from_numpy(np.stack([_box((case.targets[i] == c).numpy()) for c in channels]))
             boxes = (boxes * (model.image_size / case.targets.shape[-1])).to(device)
-            logits, _ = model.decode(embed(model, case, slice(i, i + 1)), None, boxes, None)
+            embedding = encoded[i // 16][i % 16 : i % 16 + 1] if adapted else embed(model, case, slice(i, i + 1))
+            logits, _ = model.decode(embedding, None, boxes, None)
             for c, logit in zip(channels, logits[:, 0].cpu(), strict=True):
                 truth = case.targets[i] == c
                 for threshold in thresholds:
@@ -429,17 +435,20 @@ def train(
     fast_head = config.bf16 and fast_bf16(device)
     samples = [(c, i) for c, case in enumerate(train_cases) for i in range(len(case.slices))]
     steps_per_epoch = max(1, math.ceil(len(samples) / config.batch_slices))
-    epochs = max(1, math.ceil(config.steps / steps_per_epoch))
-    total = steps_per_epoch * epochs
+    # exactly `steps` steps: the last epoch may be cut short (a whole extra epoch tripled a 2-step LoRA round)
+    total = max(1, config.steps)
+    epochs = math.ceil(total / steps_per_epoch)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     begin, step, history = time.perf_counter(), 0, []
-    progress(f"training {epochs} epochs of {steps_per_epoch} steps on {len(samples)} slices")
+    progress(f"training {total} steps ({epochs} epochs of up to {steps_per_epoch}) on {len(samples)} slices")
     for epoch in range(1, epochs + 1):
         model.mask_decoder.train()
         head.train()
         order = rng.permutation(len(samples))
         losses = []
         for start in range(0, len(order), config.batch_slices):
+            if step == total:
+                break
             if should_stop():
                 progress("training stopped on request")
                 _finish(model, head, adapter)
