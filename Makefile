@@ -42,16 +42,18 @@ run: venv data
 	PATH="$(abspath $(VENV))/bin:$$PATH" monailabel start_server --app apps/medfoundation \
 		--studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
 
-# The pacs group (tests/test_pacs.py) starts Orthanc, which listens on every interface: it runs in a private
-# network namespace with loopback only (root, or an unprivileged user namespace mapped to root).
+# The pacs group (tests/test_pacs.py) starts Orthanc, which listens on every interface: the whole suite runs in
+# a private network namespace with loopback only (root, or an unprivileged user namespace mapped to root), in
+# one pytest session, so the sample data, the encoder's export and the slice embeddings are made once, and
+# nothing in it can reach beyond this machine. pyproject leaves the pacs group out of a bare `pytest`.
 NETNS = unshare --net $(if $(filter 0,$(shell id -u)),,--map-root-user) sh -c 'ip link set lo up && exec "$$0" "$$@"'
 ORTHANC_MISSING = the pacs tests need Orthanc and Chromium: apt-get install orthanc orthanc-dicomweb chromium
+TEST_MARKS ?= pacs or not pacs
 
 test: venv
 	$(PY) -m ruff check .
 	@test -x /usr/sbin/Orthanc -a -x /usr/bin/chromium || { echo "$(ORTHANC_MISSING)"; exit 1; }
-	$(PY) -m pytest -v $(PYTEST_ARGS)
-	$(NETNS) $(PY) -m pytest -v -m pacs $(PYTEST_ARGS)
+	$(NETNS) $(PY) -m pytest -v -m "$(TEST_MARKS)" $(PYTEST_ARGS)
 
 # Orthanc (DICOMweb on 127.0.0.1:$(PACS_PORT), RemoteAccessAllowed false) with the sample studies as DICOM, and
 # the server on it; OHIF at http://127.0.0.1:$(PORT)/ohif/ shows the PACS's studies. Ctrl-C stops both.

@@ -488,8 +488,9 @@ def train(
             losses.append(loss.item())
             step += 1
         # a few volumes make many short epochs: validate about 10 times a round (each costs about a step), and
-        # after the last epoch
-        if val_cases and (epoch % max(1, epochs // 10) == 0 or epoch == epochs):
+        # after the last epoch. Not while the encoder adapts: each validation slice then costs an encoder pass
+        # (seconds on a CPU), and the round evaluates the result once at the end anyway.
+        if val_cases and adapter is None and (epoch % max(1, epochs // 10) == 0 or epoch == epochs):
             validation = evaluate(model, head, val_cases, head.names, prompted=False)["auto_mean"]
         else:
             validation = None

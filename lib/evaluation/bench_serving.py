@@ -1,6 +1,7 @@
 """Benchmark of the serving path: accuracy from ground-truth prompts and latency, through the real HTTP API.
 
     python -m lib.evaluation.bench_serving --data sample-data/build --out bench-results [--quick]
+        [--conf propagation_planes 3]
 
 Starts `monailabel start_server --app apps/medfoundation` on the sample studies, drives it with
 `monailabel.client.MONAILabelClient` (the Slicer module's client), and writes `serving.json` and `serving.md`.
@@ -87,7 +88,7 @@ def timed_infer(client: MONAILabelClient, model: str, image: str, params: dict) 
     return seconds, data, info
 
 
-def run(data: Path, out: Path, subjects: int, repeats: int) -> dict:
+def run(data: Path, out: Path, subjects: int, repeats: int, extra_conf: dict[str, str] | None = None) -> dict:
     labels = json.loads((data / "labels.json").read_text())
     available = sorted(p.name.removesuffix(".nii.gz") for p in (data / "studies").glob("*.nii.gz"))
     if len(available) < subjects + 1:
@@ -96,7 +97,7 @@ def run(data: Path, out: Path, subjects: int, repeats: int) -> dict:
     studies = Path(tempfile.mkdtemp(prefix="bench-studies-"))
     for image in [*images, cold]:
         (studies / f"{image}.nii.gz").symlink_to((data / "studies" / f"{image}.nii.gz").resolve())
-    conf = {"labels": str(data / "labels.json"), "prefetch_slices": "0"}
+    conf = {"labels": str(data / "labels.json"), "prefetch_slices": "0", **(extra_conf or {})}
     per_structure: dict[str, dict[str, list[float]]] = {name: {} for name in labels}
     latency: dict[str, list[float]] = {}
     propagation: list[dict] = []
@@ -175,6 +176,7 @@ def run(data: Path, out: Path, subjects: int, repeats: int) -> dict:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
         "images": images,
+        "conf": extra_conf or {},
         "accuracy": {"mean_over_structures": overall, "per_structure": summary},
         "latency_seconds": {k: {"median": round(statistics.median(v), 4), "n": len(v)} for k, v in latency.items()},
         "propagation_seconds_per_slice_warm_cache": round(sum(p["seconds"] for p in propagation) / max(1, slices), 4),
@@ -195,7 +197,9 @@ def report(results: dict) -> str:
     lines = [
         f"# Serving benchmark ({results['date']}, {results['machine']})",
         "",
-        f"Images: {', '.join(results['images'])}. Prompts from ground truth: a box on the structure's middle",
+        f"Images: {', '.join(results['images'])}; server conf beyond the defaults: "
+        f"{', '.join(f'{k} {v}' for k, v in results.get('conf', {}).items()) or 'none'}.",
+        "Prompts from ground truth: a box on the structure's middle",
         "slice (3D adds its z-range); a click at the most interior pixel of that slice's cross-section.",
         "",
         "| structure | 2D box Dice | 2D one-click Dice | 3D box Dice |",
@@ -236,12 +240,15 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one subject for accuracy, 10 repeats")
+    parser.add_argument(
+        "--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="a server --conf, repeatable"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
         args.subjects, args.repeats = 1, 10
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run(args.data, args.out, args.subjects, args.repeats)
+    results = run(args.data, args.out, args.subjects, args.repeats, dict(args.conf))
     (args.out / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "serving.md").write_text(report(results))
     print(report(results))
