@@ -341,43 +341,36 @@ def evaluate(
     """
     model.eval()
     device = model.pixel_mean.device
-    adapted = getattr(model, "adapted_encoder", False)
     auto: dict[str, list[float]] = {n: [] for n in names}
     boxed: dict[float, dict[str, list[float]]] = {t: {n: [] for n in names} for t in thresholds}
+    if head is not None:
+        head.eval()
     for case in cases:
-        chunks = [slice(s, s + 16) for s in range(0, len(case.slices), 16)]
-        # an adapted encoder computes each slice's embedding once for both modes (seconds a slice); cached
-        # embeddings are converted a chunk at a time (a whole case in float32 can be hundreds of MB)
-        encoded = [embed(model, case, rows) for rows in chunks] if adapted else None
-        if head is not None:
-            head.eval()
-            predicted = torch.cat(
-                [
-                    run_head(model, head, encoded[k] if adapted else embed(model, case, rows), case.pixels[rows])
-                    .argmax(dim=1)
-                    .cpu()
-                    for k, rows in enumerate(chunks)
-                ]
-            )
+        predictions = []
+        # 16 slices at a time, each chunk embedded once for both modes: cached embeddings are converted a chunk at
+        # a time (a whole case in float32 can be hundreds of MB), and an adapted encoder costs seconds a slice
+        for start in range(0, len(case.slices), 16):
+            rows = slice(start, start + 16)
+            embeddings = embed(model, case, rows)
+            if head is not None:
+                predictions.append(run_head(model, head, embeddings, case.pixels[rows]).argmax(dim=1).cpu())
+            if not prompted:
+                continue
+            for offset, target in enumerate(case.targets[rows]):
+                channels = [c for c in range(1, len(names) + 1) if bool((target == c).any())]
+                if not channels:
+                    continue
+                boxes = torch.from_numpy(np.stack([_box((target == c).numpy()) for c in channels]))
+                boxes = (boxes * (model.image_size / case.targets.shape[-1])).to(device)
+                logits, _ = model.decode(embeddings[offset : offset + 1], None, boxes, None)
+                for c, logit in zip(channels, logits[:, 0].cpu(), strict=True):
+                    for threshold in thresholds:
+                        boxed[threshold][names[c - 1]].append(dice(logit > threshold, target == c))
+        predicted = torch.cat(predictions) if predictions else None
         for channel, name in enumerate(names, start=1):
-            if not case.present[channel - 1]:
-                continue
-            truth = case.targets == channel
-            auto[name].append(dice(predicted == channel, truth) if head is not None else 0.0)
-        if not prompted:
-            continue
-        for i in range(len(case.slices)):
-            channels = [c for c in range(1, len(names) + 1) if bool((case.targets[i] == c).any())]
-            if not channels:
-                continue
-            boxes = torch.from_numpy(np.stack([_box((case.targets[i] == c).numpy()) for c in channels]))
-            boxes = (boxes * (model.image_size / case.targets.shape[-1])).to(device)
-            embedding = encoded[i // 16][i % 16 : i % 16 + 1] if adapted else embed(model, case, slice(i, i + 1))
-            logits, _ = model.decode(embedding, None, boxes, None)
-            for c, logit in zip(channels, logits[:, 0].cpu(), strict=True):
-                truth = case.targets[i] == c
-                for threshold in thresholds:
-                    boxed[threshold][names[c - 1]].append(dice(logit > threshold, truth))
+            if case.present[channel - 1]:
+                truth = case.targets == channel
+                auto[name].append(dice(predicted == channel, truth) if predicted is not None else 0.0)
 
     def means(values: dict[str, list[float]]) -> dict[str, float]:
         return {n: round(float(np.mean(v)), 4) for n, v in values.items() if v}
