@@ -99,6 +99,8 @@ class AppSettings:
     encoder_bf16: bool = False  # bfloat16 encoder (CPUs with native bf16; on a GPU bf16 or fp16)
     # OpenVINO encoder threads (0: as many as torch uses); fewer leave cores to clicks' decodes (README "Under load")
     encoder_threads: int = 0
+    # nice added to the encoder's threads (OpenVINO), so clicks' decodes take the cores from background encodes
+    encoder_nice: int = 5
     compile_decoder: bool = True  # torch.compile the decoder for common prompt shapes, in the background
     # decoder logit threshold; None: the model's own (LiteMedSAM -1.5, calibrated; SAM family 0)
     mask_threshold: float | None = None
@@ -171,6 +173,7 @@ class AppSettings:
                 "volume_cache_mb",
                 "background_nice",
                 "encoder_threads",
+                "encoder_nice",
             ):
                 values[key] = _number(key, raw, int, 0 if key != "cache_mb" else 16)
             elif key in ("train_steps", "train_slice_step", "score_slices"):
@@ -215,8 +218,9 @@ class AppSettings:
         settings = cls(**values)
         if settings.modality.upper() not in ("AUTO", "CT", "MR"):
             raise ConfError(f"--conf modality {settings.modality!r}: expected auto, CT or MR")
-        if settings.background_nice > 19:
-            raise ConfError(f"--conf background_nice {settings.background_nice}: must be 0..19")
+        for key in ("background_nice", "encoder_nice"):
+            if getattr(settings, key) > 19:
+                raise ConfError(f"--conf {key} {getattr(settings, key)}: must be 0..19")
         if settings.encoder_runtime not in RUNTIMES:
             raise ConfError(f"--conf encoder_runtime {settings.encoder_runtime!r}: expected {', '.join(RUNTIMES)}")
         if settings.tracking.lower() not in ("none", "mlflow"):

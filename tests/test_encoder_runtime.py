@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -72,6 +75,55 @@ def test_encoder_threads_set_openvinos_threads_and_change_no_answer(lite_model, 
     assert plain.name == "torch-float32" and "is for the OpenVINO encoder" in caplog.text
 
 
+# Run in a fresh process, as in the server, where the encoder is the only user of OpenVINO: the threads OpenVINO
+# starts serve every later encoder of the process, so a pytest process that already ran one at nice 0 would not
+# tell. Reports each thread's nice value and the CPU ticks it spent on three encodes.
+_THREADS_PROBE = """
+import json, os, sys, torch
+from pathlib import Path
+from lib.model import build_model, runtime
+
+def ticks():
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        found[int(tid)] = (int(fields[16]), int(fields[11]) + int(fields[12]))  # nice, user + system ticks
+    return found
+
+model = build_model("lite_medsam", model_dir=Path(sys.argv[1]) / "model")
+encoder = runtime.make_encoder_runtime(
+    "openvino", model.network.image_encoder, 256, torch.device("cpu"), False, Path(sys.argv[1]), nice=3
+)
+pixels = model.network.normalize(torch.rand(1, 3, 256, 256) * 255)
+encoder(pixels)
+before = ticks()
+for _ in range(3):
+    encoder(pixels)
+after = ticks()
+worked = {  # the main thread only waits (a stray tick of its copying must not count)
+    tid: nice for tid, (nice, spent) in after.items() if spent > before.get(tid, (nice, 0))[1] and tid != os.getpid()
+}
+print(json.dumps({"main": after[os.getpid()][0], "worked": worked, "name": encoder.name}))
+"""
+
+
+@pytest.mark.slow
+def test_the_encoder_runs_below_the_callers_priority(shared_encoder_exports, tmp_path):
+    # a click's decode must take the cores from a slice being encoded in the background (README "Under load")
+    (tmp_path / "model").mkdir()
+    for export in shared_encoder_exports.glob("encoder-*"):  # a kept export: the probe need not export again
+        (tmp_path / export.name).symlink_to(export)
+    done = subprocess.run(
+        [sys.executable, "-c", _THREADS_PROBE, str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["name"] == "openvino-f32"
+    # every thread that encoded runs 3 nice levels below the caller, which keeps its own
+    assert probe["worked"] and set(probe["worked"].values()) == {min(19, probe["main"] + 3)}, probe
+
+
 def _with_state(encoder: torch.nn.Module, state: dict) -> torch.nn.Module:
     other = copy.deepcopy(encoder)
     other.load_state_dict(state)
@@ -107,6 +159,9 @@ def test_encoder_runtime_conf_is_checked():
     assert AppSettings().encoder_threads == 0 and AppSettings.from_conf({"encoder_threads": "1"}).encoder_threads == 1
     with pytest.raises(ConfError, match="encoder_threads"):
         AppSettings.from_conf({"encoder_threads": "-1"})
+    assert AppSettings().encoder_nice == 5 and AppSettings.from_conf({"encoder_nice": "0"}).encoder_nice == 0
+    with pytest.raises(ConfError, match="encoder_nice 20: must be 0..19"):
+        AppSettings.from_conf({"encoder_nice": "20"})
     with pytest.raises(ConfError, match="encoder_runtime 'onnx'"):
         AppSettings.from_conf({"encoder_runtime": "onnx"})
     with pytest.raises(ValueError, match="expected one of"):

@@ -85,6 +85,7 @@ class MedFoundationApp(MONAILabelApp):
                 encoder_runtime=self.settings.encoder_runtime,
                 encoder_ir_dir=self.settings.encoder_export_dir or str(self.model_dir / "openvino"),
                 encoder_threads=self.settings.encoder_threads,
+                encoder_nice=self.settings.encoder_nice,
                 focus_context=self.settings.focus_context,
                 click_corrections=self.settings.click_corrections,
                 compile_decoder=self.settings.compile_decoder,

@@ -58,6 +58,7 @@ class SlicePredictor:
         encoder_runtime: `torch`, `openvino` (CPU only) or `auto` (OpenVINO on a CPU when installed).
         ir_dir: where the OpenVINO export of each encoder version is kept (None: exported in memory only).
         encoder_threads: OpenVINO inference threads (0: torch's).
+        encoder_nice: added to the nice value of the OpenVINO encoder's threads (clicks' decodes go first).
         compile_decoder: compile the mask decoder for the common prompt shapes, in the background (2x faster).
         mask_threshold: logit above which a pixel is in the mask (SAM uses 0; calibrated per model, see README).
     """
@@ -75,6 +76,7 @@ class SlicePredictor:
         encoder_runtime: str = "torch",
         ir_dir: Path | None = None,
         encoder_threads: int = 0,
+        encoder_nice: int = 0,
     ) -> None:
         self.cache = cache
         self.device = torch.device(device)
@@ -84,6 +86,7 @@ class SlicePredictor:
         self.encoder_runtime = encoder_runtime
         self.ir_dir = ir_dir
         self.encoder_threads = encoder_threads
+        self.encoder_nice = encoder_nice
         self._runtime: tuple[str, EncoderRuntime] | None = None  # (encoder version, its runtime)
         self._runtime_lock = threading.Lock()
         self.compile_decoder = compile_decoder
@@ -143,7 +146,7 @@ class SlicePredictor:
             if current is None or current[0] != model.encoder_version:
                 runtime = make_encoder_runtime(
                     self.encoder_runtime, model.network.image_encoder, model.network.image_size, self.device,
-                    self.encoder_autocast, self.ir_dir, self.encoder_threads,
+                    self.encoder_autocast, self.ir_dir, self.encoder_threads, self.encoder_nice,
                 )  # fmt: skip
                 self._runtime = current = (model.encoder_version, runtime)
                 logger.info("image encoder %s runs on %s", model.encoder_version, runtime.name)

@@ -39,6 +39,7 @@ class ServiceConfig:
     encoder_runtime: str = "torch"  # torch | openvino | auto (lib.model.runtime)
     encoder_ir_dir: str | None = None  # where OpenVINO exports of the encoder are kept
     encoder_threads: int = 0  # OpenVINO encoder threads (0: torch's)
+    encoder_nice: int = 0  # added to the OpenVINO encoder's threads' nice value
     compile_decoder: bool = False
     mask_threshold: float = 0.0
     focus_context: float = 3.0  # 2D box prompts are segmented in a window 3x the box (measured +0.06 Dice)
@@ -63,6 +64,7 @@ class SegmentationService:
             encoder_runtime=config.encoder_runtime,
             ir_dir=Path(config.encoder_ir_dir) if config.encoder_ir_dir else None,
             encoder_threads=config.encoder_threads,
+            encoder_nice=config.encoder_nice,
             compile_decoder=config.compile_decoder,
             mask_threshold=config.mask_threshold,
         )
