@@ -50,3 +50,12 @@ def test_one_model_alone_gets_its_section_and_no_side_by_side_plot(tmp_path: Pat
     assert "continual_learning" in results["sections"]
     assert results["missing"]["continual_learning_mobile_sam"] == "make bench-learning"
     assert not (tmp_path / "learning_models.png").exists()
+
+
+def test_the_baseline_finds_monai_labels_radiology_app_in_the_venv():
+    # `make venv` installs with uv, which leaves the wheel's sample apps under site-packages instead of the venv's
+    # root where pip puts them: the baseline of `make bench` once failed there before training anything
+    from lib.evaluation.bench_baseline import radiology_app
+
+    app = radiology_app()
+    assert (app / "main.py").is_file() and (app / "lib" / "configs" / "segmentation.py").is_file()

@@ -2,7 +2,7 @@
 
     python -m lib.evaluation.bench_baseline --data sample-data/build --out bench-results/baseline --minutes 10
 
-The sample radiology app that ships with MONAI Label (`<venv>/monailabel/sample-apps/radiology`, copied to a
+The sample radiology app that ships with MONAI Label (`radiology_app()` finds it in the venv; copied to a
 fresh folder so no earlier model is used) is started with `--conf models segmentation`, our ten labels and
 no pre-trained weights. The training volumes of the continual-learning benchmark's 8-volume round (same
 split: lib.engine.continual.split_by_volume) are saved as final labels through MONAILabelClient, its trainer
@@ -26,7 +26,24 @@ from lib.engine.continual import LabelledImage, split_by_volume
 from lib.evaluation.ground_truth import dice
 from lib.evaluation.server import ServerProcess
 
-RADIOLOGY = Path(sys.prefix) / "monailabel" / "sample-apps" / "radiology"
+
+def radiology_app() -> Path:
+    """The radiology sample app shipped in MONAI Label's wheel as data files.
+
+    pip moves them to `<venv>/monailabel/sample-apps`; uv (what `make venv` uses) leaves them in
+    `site-packages/monailabel-<version>-<build>.data/data/monailabel/sample-apps` (the wheel's `.data` folder
+    carries a build tag its `.dist-info` lacks).
+    """
+    import monailabel
+
+    site = Path(monailabel.__file__).resolve().parent.parent
+    candidates = [Path(sys.prefix) / "monailabel", *sorted(site.glob("monailabel-*.data/data/monailabel"))]
+    for root in candidates:
+        if (root / "sample-apps" / "radiology" / "main.py").is_file():
+            return root / "sample-apps" / "radiology"
+    raise SystemExit(
+        "MONAI Label's radiology sample app was not found; looked in: " + ", ".join(str(c) for c in candidates)
+    )
 
 
 def report(results: dict) -> str:
@@ -64,7 +81,7 @@ def main() -> None:
 
     shutil.rmtree(args.out, ignore_errors=True)
     app, studies = args.out / "radiology", args.out / "studies"
-    shutil.copytree(RADIOLOGY, app, ignore=shutil.ignore_patterns("__pycache__", "model", "logs"))
+    shutil.copytree(radiology_app(), app, ignore=shutil.ignore_patterns("__pycache__", "model", "logs"))
     studies.mkdir(parents=True)
     for subject in [i.image_id for i in train] + held_out:
         shutil.copy(args.data / "studies" / f"{subject}.nii.gz", studies)
