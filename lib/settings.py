@@ -96,7 +96,7 @@ class AppSettings:
     # the image encoder: float32 on OpenVINO (auto, on a CPU) answers exactly as torch float32 at bf16 torch's speed;
     # bf16 is faster still but changes masks (mean Dice 0.96 against float32 on the sample slices; README "Speed")
     encoder_runtime: str = "auto"  # auto | torch | openvino
-    encoder_bf16: bool = False  # bfloat16 encoder (CPUs with native bf16; on a GPU bf16 or fp16)
+    encoder_bf16: bool = False  # low-precision encoder: bfloat16 on CPUs with native bf16, float16 on a GPU
     # OpenVINO encoder threads (0: as many as torch uses); fewer leave cores to clicks' decodes (README "Under load")
     encoder_threads: int = 0
     # nice added to the encoder's threads (OpenVINO), so clicks' decodes take the cores from background encodes

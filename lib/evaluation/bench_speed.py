@@ -76,7 +76,7 @@ def sample_prompts(
     geometry = predictor.geometry(volume)
     prompts = []
     for z in chosen:
-        pixels = geometry.pixels(volume.slice_image(z)[None])
+        pixels = geometry.pixels(volume.slice_image(z)[None]).to(predictor.device)  # one tensor per slice
         plane = truth[:, :, z].T
         for value in np.unique(plane)[1:]:
             ys, xs = np.nonzero(plane == value)
@@ -84,7 +84,7 @@ def sample_prompts(
                 continue
             box = geometry.box(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]))
             box = torch.tensor(box, dtype=torch.float32, device=predictor.device).view(1, 4)
-            prompts.append(SlicePrompt(pixels.to(predictor.device), box, f"z{z}:{value}"))
+            prompts.append(SlicePrompt(pixels, box, f"z{z}:{value}"))
     return prompts
 
 
@@ -191,9 +191,10 @@ def bench_model(args: argparse.Namespace, model, predictor: SlicePredictor, prom
     return {"product_encoder": product, "encoders": rows, "decoder": decoder}
 
 
-def bench_propagation(model, ir_dir: Path | None, truth: np.ndarray, image: Path, device: torch.device = CPU) -> dict:
-    """3D propagation of one structure's box through the product's service, nothing cached."""
-    settings = AppSettings()
+def bench_propagation(model, ir_dir: Path | None, truth: np.ndarray, image: Path, settings: AppSettings) -> dict:
+    """3D propagation of one structure's box through the product's service as `settings` configure it, nothing
+    cached."""
+    device = torch.device(settings.torch_device())
     config = ServiceConfig(
         prefetch_slices=0, encoder_runtime=settings.encoder_runtime, encoder_bf16=settings.encoder_bf16,
         mask_threshold=settings.decoder_threshold, encoder_ir_dir=str(ir_dir) if ir_dir else None,
@@ -347,7 +348,7 @@ def main() -> None:
     }  # fmt: skip
     results["scoring"] = bench_scoring(args, model, predictor, images[-1][0])
     results["model"] = bench_model(args, model, predictor, prompts)
-    results["propagation"] = bench_propagation(model, predictor.ir_dir, images[0][1], images[0][0], device)
+    results["propagation"] = bench_propagation(model, predictor.ir_dir, images[0][1], images[0][0], settings)
     (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "speed.md").write_text(report(results))
     print(report(results))
