@@ -7,6 +7,8 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -151,6 +153,35 @@ def test_bf16_is_not_emulated_on_a_cpu_without_native_bf16(monkeypatch, caplog):
     assert runtime.make_encoder_runtime("torch", torch.nn.Identity(), 256, cpu, True).name == "torch-float32"
     assert runtime.low_precision_dtype(cpu, True) is None and not runtime.fast_bf16(cpu)
     assert "no native bf16" in caplog.text
+
+
+@pytest.mark.skipif(not runtime.openvino_available(), reason="OpenVINO is not installed")
+def test_an_export_in_progress_elsewhere_is_waited_for_and_loaded_not_made_twice(tmp_path, caplog):
+    # the server and its start-up scoring subprocess both exported the encoder at once (8.4 GB peak)
+    fcntl = pytest.importorskip("fcntl")
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GELU()).eval()
+    path = runtime.export_path(tmp_path, encoder, 32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    built: list = []
+    caplog.set_level(logging.INFO, logger=runtime.__name__)
+    with open(path.with_suffix(".lock"), "a") as other_process:  # another open file: its flock conflicts
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: built.append(runtime.OpenVinoEncoder(encoder, 32, tmp_path)))
+        waiting.start()
+        time.sleep(1.5)
+        assert waiting.is_alive() and not path.exists(), "the export did not wait for the lock"
+        first = runtime.OpenVinoEncoder(encoder, 32, tmp_path / "elsewhere")  # "the other process's" export
+        runtime.export_path(tmp_path / "elsewhere", encoder, 32).with_suffix(".bin").rename(path.with_suffix(".bin"))
+        runtime.export_path(tmp_path / "elsewhere", encoder, 32).rename(path)
+        exports_before = caplog.text.count("image encoder exported")
+        fcntl.flock(other_process, fcntl.LOCK_UN)
+    waiting.join(60)
+    assert built, "the waiting encoder was never built"
+    assert caplog.text.count("image encoder exported") == exports_before == 1, "it exported again after waiting"
+    assert "waiting to load its export" in caplog.text
+    pixels = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(built[0](pixels), first(pixels))
 
 
 def test_a_gpu_encoder_is_float16_when_low_precision_is_asked(monkeypatch):
