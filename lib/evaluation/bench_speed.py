@@ -129,10 +129,9 @@ def encoders(model, ir_dir: Path, device: torch.device = CPU) -> list:
     encoder, size = model.network.image_encoder, model.network.image_size
     if device.type == "cuda":
         return [TorchEncoder(encoder, device, dtype) for dtype in (None, torch.bfloat16, torch.float16)]
-    cpu = torch.device("cpu")
-    found = [TorchEncoder(encoder, cpu, None)]
+    found = [TorchEncoder(encoder, CPU, None)]
     if cpu_has_bf16():  # emulated bf16 (an AVX2-only CPU) is many times slower than float32: not worth timing
-        found.append(TorchEncoder(encoder, cpu, torch.bfloat16))
+        found.append(TorchEncoder(encoder, CPU, torch.bfloat16))
     if openvino_available():
         found.append(OpenVinoEncoder(encoder, size, ir_dir))
         if cpu_has_bf16():
