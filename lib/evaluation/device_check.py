@@ -26,7 +26,7 @@ from lib.engine.preprocessing import IntensityConfig
 from lib.engine.training import TrainConfig
 from lib.engine.volumes import VolumeStore
 from lib.model import build_model
-from lib.model.runtime import synchronize
+from lib.model.runtime import TorchEncoder, synchronize
 from lib.model.versions import VersionStore
 
 
@@ -57,14 +57,13 @@ def main() -> None:
 
     network = base.network
     pixels = torch.rand(8, 3, 256, 256, device=device) * 255
-    # fp16 is what `encoder_bf16 true` runs on a GPU (lib.model.runtime.low_precision_dtype); bf16 for comparison
+    normalized = network.normalize(pixels)
+    # the product's own torch runtime; fp16 is what `encoder_bf16 true` runs on a GPU, bf16 for comparison
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-
-        def encode(dtype=dtype):
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                network.encode(pixels)
-
-        report[f"encoder_ms_per_slice_{name}_batch8"] = round(1000 * timed(device, encode, 5) / 8, 2)
+        encoder = TorchEncoder(network.image_encoder, device, dtype)
+        report[f"encoder_ms_per_slice_{name}_batch8"] = round(
+            1000 * timed(device, lambda encoder=encoder: encoder(normalized), 5) / 8, 2
+        )
     embedding = torch.randn(1, 256, 64, 64, device=device)
     box = torch.tensor([[60.0, 60.0, 120.0, 130.0]], device=device)
     with torch.no_grad():

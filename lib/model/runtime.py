@@ -249,8 +249,7 @@ class OpenVinoEncoder:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # TinyViT's shape asserts: constant here
             # batch 1: TinyViT's traced reshapes fix the batch, and a batch is no faster per slice here (measured)
             model = ov.convert_model(encoder.eval(), example_input=example)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None:  # export_lock made its folder
             # written under temporary names, then renamed: a crash never leaves a half IR that later loads
             with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
                 staged = Path(scratch) / path.name
@@ -281,7 +280,7 @@ def make_encoder_runtime(
 ) -> EncoderRuntime:
     """The runtime asked for; `auto` is OpenVINO on a CPU when it is installed, torch otherwise.
 
-    low_precision: bf16 on CPU; on CUDA bf16 where supported, else fp16.
+    low_precision: bf16 on a CPU with native bf16 (else float32), fp16 on CUDA (`low_precision_dtype`).
     threads: OpenVINO's inference threads (0: as many as torch uses); torch's encoder shares torch's threads.
     nice: how much lower than the caller's the OpenVINO encoder's CPU priority is (OpenVinoEncoder).
     """
