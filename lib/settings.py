@@ -102,6 +102,9 @@ class AppSettings:
     # nice added to the encoder's threads (OpenVINO), so clicks' decodes take the cores from background encodes
     encoder_nice: int = 5
     compile_decoder: bool = True  # torch.compile the decoder for common prompt shapes, in the background
+    # bfloat16 decoder on a CPU with native bf16: a click's decode 12 ms instead of 24 (masks: mean Dice 0.995
+    # against float32's on the sample slices); float32 on a GPU and on CPUs without native bf16
+    decoder_bf16: bool = True
     # decoder logit threshold; None: the model's own (LiteMedSAM -1.5, calibrated; SAM family 0)
     mask_threshold: float | None = None
     # continual learning (README: "Continual learning")
@@ -199,6 +202,7 @@ class AppSettings:
                 "propagation_end_taper",
                 "encoder_bf16",
                 "compile_decoder",
+                "decoder_bf16",
                 "click_corrections",
             ):
                 values[key] = _bool(key, raw)

