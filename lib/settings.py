@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lib.engine.interactive import PropagationConfig
+from lib.engine.preprocessing import IntensityConfig
+from lib.engine.service import ServiceConfig
 from lib.model.registry import MODEL_REGISTRY, ModelSpec
 from lib.model.runtime import RUNTIMES
 
@@ -152,6 +154,27 @@ class AppSettings:
             planes=self.propagation_planes,
             first_context=self.focus_context,  # the prompted slice gets what 2D would give
             click_corrections=self.click_corrections,
+        )
+
+    def service_config(self, encoder_ir_dir: str) -> ServiceConfig:
+        """The segmentation service as the server runs it (benchmarks that time the engine run the same)."""
+        return ServiceConfig(
+            cache_bytes=self.cache_mb << 20,
+            max_voxels=int(self.max_megavoxels * 1e6),
+            volume_bytes=self.volume_cache_mb << 20,
+            intensity=IntensityConfig(self.modality, self.ct_window),
+            propagation=self.propagation_config(),
+            prefetch_slices=self.prefetch_slices,
+            encoder_bf16=self.encoder_bf16,
+            encoder_runtime=self.encoder_runtime,
+            encoder_ir_dir=encoder_ir_dir,
+            encoder_threads=self.encoder_threads,
+            encoder_nice=self.encoder_nice,
+            focus_context=self.focus_context,
+            click_corrections=self.click_corrections,
+            compile_decoder=self.compile_decoder,
+            decoder_bf16=self.decoder_bf16,
+            mask_threshold=self.decoder_threshold,
         )
 
     @classmethod

@@ -108,3 +108,11 @@ def test_mask_threshold_is_the_models_unless_the_conf_sets_one():
     assert AppSettings().decoder_threshold == -1.5  # LiteMedSAM's calibrated threshold
     assert AppSettings.from_conf({"model": "mobile_sam"}).decoder_threshold == 0.0  # SAM's
     assert AppSettings.from_conf({"model": "mobile_sam", "mask_threshold": "-0.5"}).decoder_threshold == -0.5
+
+
+def test_the_service_runs_as_the_conf_says():
+    conf = {"decoder_bf16": "false", "cache_mb": "64", "propagation_planes": "3", "model": "mobile_sam"}
+    config = AppSettings.from_conf(conf).service_config("/exports")
+    assert config.decoder_bf16 is False and config.compile_decoder is True and config.cache_bytes == 64 << 20
+    assert config.propagation.planes == 3 and config.mask_threshold == 0.0 and config.encoder_ir_dir == "/exports"
+    assert AppSettings().service_config("/exports").decoder_bf16 is True

@@ -34,8 +34,7 @@ from lib.activelearning.strategies import Diverse, FirstUnlabelled, RandomUnlabe
 from lib.datastore.dicomweb import MONAILABEL_SEARCH_FILTER, PacsDatastore, search_filter  # noqa: E402
 from lib.datastore.local import SafeLocalDatastore  # noqa: E402
 from lib.engine.continual import RoundConfig  # noqa: E402
-from lib.engine.preprocessing import IntensityConfig  # noqa: E402
-from lib.engine.service import SegmentationService, ServiceConfig  # noqa: E402
+from lib.engine.service import SegmentationService  # noqa: E402
 from lib.engine.training import TrainConfig  # noqa: E402
 from lib.engine.uncertainty import ScoreConfig  # noqa: E402
 from lib.hardening import install as install_hardening  # noqa: E402
@@ -74,24 +73,7 @@ class MedFoundationApp(MONAILabelApp):
         self.leases = LeaseBook(self.settings.lease_minutes)
         self.service = SegmentationService(
             model,
-            ServiceConfig(
-                cache_bytes=self.settings.cache_mb << 20,
-                max_voxels=int(self.settings.max_megavoxels * 1e6),
-                volume_bytes=self.settings.volume_cache_mb << 20,
-                intensity=IntensityConfig(self.settings.modality, self.settings.ct_window),
-                propagation=self.settings.propagation_config(),
-                prefetch_slices=self.settings.prefetch_slices,
-                encoder_bf16=self.settings.encoder_bf16,
-                encoder_runtime=self.settings.encoder_runtime,
-                encoder_ir_dir=self.settings.encoder_export_dir or str(self.model_dir / "openvino"),
-                encoder_threads=self.settings.encoder_threads,
-                encoder_nice=self.settings.encoder_nice,
-                focus_context=self.settings.focus_context,
-                click_corrections=self.settings.click_corrections,
-                compile_decoder=self.settings.compile_decoder,
-                decoder_bf16=self.settings.decoder_bf16,
-                mask_threshold=self.settings.decoder_threshold,
-            ),
+            self.settings.service_config(self.settings.encoder_export_dir or str(self.model_dir / "openvino")),
             device=device,
         )
         logger.info("medfoundation %s: model %s on %s, labels %s", VERSION, model.version, device, self.settings.labels)

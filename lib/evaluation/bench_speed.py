@@ -19,6 +19,7 @@ bfloat16 and float16, every timing waits for the GPU to finish, and each encoder
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -35,7 +36,7 @@ import torch
 from lib.engine.cache import EmbeddingCache
 from lib.engine.predictor import SlicePredictor
 from lib.engine.preprocessing import IntensityConfig
-from lib.engine.service import SegmentationService, ServiceConfig
+from lib.engine.service import SegmentationService
 from lib.engine.volumes import PreparedVolume, VolumeStore
 from lib.model import build_model
 from lib.model.fast_decoder import FastDecoder
@@ -206,7 +207,7 @@ def bench_decoders(
     embedding = predictor.encode_pixels(prompts[0].pixels)
     box = prompts[0].box
     image_pe = reference.prompt_encoder.get_dense_pe
-    repeats = args.repeats * 5
+    repeats = args.repeats * 20  # a decode is milliseconds: many, so the median is the steady state
 
     def reference_decode(embedding: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
         sparse, dense = reference.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
@@ -238,16 +239,15 @@ def bench_decoders(
 
 
 def bench_propagation(model, ir_dir: Path | None, truth: np.ndarray, image: Path, settings: AppSettings) -> dict:
-    """3D propagation of one structure's box through the product's service as `settings` configure it, nothing
-    cached."""
+    """3D propagation of one structure's box through the product's service as `settings` configure it (as the
+    server runs it, less pre-encoding), nothing cached."""
     device = torch.device(settings.torch_device())
-    config = ServiceConfig(
-        prefetch_slices=0, encoder_runtime=settings.encoder_runtime, encoder_bf16=settings.encoder_bf16,
-        decoder_bf16=settings.decoder_bf16, mask_threshold=settings.decoder_threshold,
-        encoder_ir_dir=str(ir_dir) if ir_dir else None,
-    )  # fmt: skip
+    config = dataclasses.replace(settings.service_config(str(ir_dir) if ir_dir else None), prefetch_slices=0)
     service = SegmentationService(model, config, device=str(device))
-    service.predictor.encoder()  # the export is made once per encoder, at start: not part of a request
+    # what a server does at start, not part of a request: the encoder's export and the decoder's compile
+    service.predictor.encoder()
+    if config.compile_decoder:
+        service.predictor.decoder.warm_up()
     value = int(np.bincount(truth[truth > 0]).argmax())  # the largest structure: the longest propagation
     xs, ys, zs = np.nonzero(truth == value)
     z = int(np.median(zs))
