@@ -4,9 +4,10 @@ compiled for the prompt shapes clicks use most.
 SAM's decoder (`segment_anything.modeling.MaskDecoder`) is the same math here, regrouped so that what depends on
 the slice alone is computed once: with no mask prompt, layer 0's token-to-image keys and values and its
 image-to-token queries are projections of the embedding (plus the positional encoding), the same for every prompt
-on that slice, about a fifth of a decode's arithmetic. Measured on 2 cores (AVX512_BF16), one box on an encoded
-slice: SAM's decode 47 ms eager, 31 ms compiled; this path 24 ms compiled in float32, 12 ms in bfloat16, whose
-masks agree with float32's at mean Dice 0.995 on the sample slices (README "Speed of the model").
+on that slice, about a fifth of a decode's arithmetic. Measured on 2 cores (AVX512_BF16), one box on an encoded slice:
+SAM's decode 42-47 ms eager, 31 ms compiled; this path 20-26 ms compiled in float32 (the same answers), 10-16 ms
+in bfloat16, whose masks agree with the reference's at mean Dice 0.995 on the sample boxes (README "Speed of the
+model").
 
 Compiling takes seconds to a minute a shape, so it never happens on a request: shapes are warmed up in a background
 thread at start, and any other shape (e.g. a third click) runs eagerly, in the same precision.
