@@ -5,9 +5,12 @@ report's gathering and rendering, not any measured figure (those come from `make
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from lib.evaluation.bench_report import gather
+from lib.evaluation.server import REPO
 
 LABELS = ["left_thalamus", "right_thalamus"]
 
@@ -59,3 +62,16 @@ def test_the_baseline_finds_monai_labels_radiology_app_in_the_venv():
 
     app = radiology_app()
     assert (app / "main.py").is_file() and (app / "lib" / "configs" / "segmentation.py").is_file()
+
+
+def test_a_benchmarks_scratch_folders_are_gone_when_it_exits():
+    # copies of studies, 50 MB model folders, client downloads: on 2026-12-01 this machine held 71 such folders
+    # left by earlier benchmark runs
+    script = (
+        "from lib.evaluation.server import scratch_dir\n"
+        "folder = scratch_dir('bench-test-'); (folder / 'model').mkdir(); (folder / 'model' / 'w').write_bytes(b'x')\n"
+        "print(folder)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    folder = Path(done.stdout.strip())
+    assert folder.name.startswith("bench-test-") and not folder.exists()

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from monailabel.client import MONAILabelClient
 from lib.evaluation.annotator import MAX_CLICKS, HttpSegmenter, clicks_to_reach, session_2d, session_3d
 from lib.evaluation.bench_serving import PeakMemory
 from lib.evaluation.ground_truth import middle_slice
-from lib.evaluation.server import ServerProcess
+from lib.evaluation.server import ServerProcess, scratch_dir
 
 logger = logging.getLogger("bench-interactive")
 REPORTED_CLICKS = (0, 1, 3, 5)  # Dice after the box and after these many corrective clicks
@@ -50,7 +49,7 @@ def run_model(
 ) -> tuple[dict, list[dict]]:
     """Both protocols on every (image, structure) with one model's server; per-structure means and timings."""
     labels = json.loads((data / "labels.json").read_text())
-    studies = Path(tempfile.mkdtemp(prefix="bench-interactive-"))
+    studies = scratch_dir("bench-interactive-")
     for image in images:
         (studies / f"{image}.nii.gz").symlink_to((data / "studies" / f"{image}.nii.gz").resolve())
     conf = {
@@ -72,7 +71,7 @@ def run_model(
         ServerProcess(studies, out / f"interactive-{model}.log", conf, env=env) as server,
         PeakMemory(server.pid) as memory,
     ):
-        client = MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(prefix="bench-client-"))
+        client = MONAILabelClient(server.url, tmpdir=str(scratch_dir("bench-client-")))
         for image in images:
             reference = nib.load(data / "studies" / f"{image}.nii.gz")
             truth_all = np.asarray(nib.load(data / "ground-truth" / f"{image}.nii.gz").dataobj)

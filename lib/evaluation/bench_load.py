@@ -20,7 +20,6 @@ import json
 import logging
 import platform
 import random
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ from monailabel.client import MONAILabelClient
 
 from lib.evaluation.bench_serving import PeakMemory, wait_for_compiled_decoder
 from lib.evaluation.ground_truth import centre_click, middle_slice
-from lib.evaluation.server import ServerProcess
+from lib.evaluation.server import ServerProcess, scratch_dir
 
 logger = logging.getLogger("bench.load")
 
@@ -174,12 +173,12 @@ def run(data: Path, out: Path, config: LoadConfig, extra_conf: dict[str, str] | 
     if len(available) < config.annotators + 2:
         raise SystemExit(f"need {config.annotators + 2} studies in {data}, found {len(available)}")
     annotated, labelled = available[: config.annotators], available[config.annotators : config.annotators + 2]
-    studies = Path(tempfile.mkdtemp(prefix="bench-load-studies-"))
+    studies = scratch_dir("bench-load-studies-")
     for image in available:
         (studies / f"{image}.nii.gz").symlink_to((data / "studies" / f"{image}.nii.gz").resolve())
     conf = {
         "labels": str(data / "labels.json"),
-        "model_dir": tempfile.mkdtemp(prefix="bench-load-model-"),
+        "model_dir": str(scratch_dir("bench-load-model-")),
         "train_every_labels": "0",  # the round is started by hand, at a known time
         "train_interval_minutes": "0",
         **extra_conf,
@@ -188,7 +187,7 @@ def run(data: Path, out: Path, config: LoadConfig, extra_conf: dict[str, str] | 
     plans = plans_for(data, annotated, config)
     log = out / "load-server.log"
     results: dict[str, Any] = {"config": asdict(config), "cache_budget_mb": cache_mb, "conf": extra_conf}
-    tmpdir = tempfile.mkdtemp(prefix="bench-load-client-")
+    tmpdir = str(scratch_dir("bench-load-client-"))
     with ServerProcess(studies, log, conf, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}) as server:
         wait_for_compiled_decoder(log)
         time.sleep(5)  # the background warm-up (encoder export) settles

@@ -17,7 +17,6 @@ import json
 import logging
 import platform
 import statistics
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -29,7 +28,7 @@ import psutil
 from monailabel.client import MONAILabelClient
 
 from lib.evaluation.ground_truth import box_on_slice, centre_click, dice, middle_slice, roi_3d
-from lib.evaluation.server import ServerProcess
+from lib.evaluation.server import ServerProcess, scratch_dir
 
 logger = logging.getLogger("bench")
 
@@ -94,7 +93,7 @@ def run(data: Path, out: Path, subjects: int, repeats: int, extra_conf: dict[str
     if len(available) < subjects + 1:
         raise SystemExit(f"need {subjects + 1} studies in {data} (one kept cold for latency), found {len(available)}")
     images, cold = available[:subjects], available[-1]
-    studies = Path(tempfile.mkdtemp(prefix="bench-studies-"))
+    studies = scratch_dir("bench-studies-")
     for image in [*images, cold]:
         (studies / f"{image}.nii.gz").symlink_to((data / "studies" / f"{image}.nii.gz").resolve())
     conf = {"labels": str(data / "labels.json"), "prefetch_slices": "0", **(extra_conf or {})}
@@ -103,7 +102,7 @@ def run(data: Path, out: Path, subjects: int, repeats: int, extra_conf: dict[str
     propagation: list[dict] = []
     with ServerProcess(studies, out / "server.log", conf) as server, PeakMemory(server.pid) as memory:
         wait_for_compiled_decoder(out / "server.log")
-        client = MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(prefix="bench-client-"))
+        client = MONAILabelClient(server.url, tmpdir=str(scratch_dir("bench-client-")))
         for image in images:
             truth_all = np.asarray(nib.load(data / "ground-truth" / f"{image}.nii.gz").dataobj)
             for name, index in labels.items():
