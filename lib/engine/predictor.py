@@ -19,7 +19,7 @@ import torch
 from lib.engine.cache import EmbeddingCache
 from lib.engine.preprocessing import SliceGeometry, Window
 from lib.engine.volumes import PreparedVolume
-from lib.model.fast_decoder import FastDecoder
+from lib.model.fast_decoder import FastDecoder, serving_dtype
 from lib.model.registry import LoadedModel
 from lib.model.runtime import EncoderRuntime, TorchEncoder, low_precision_dtype, make_encoder_runtime
 
@@ -92,8 +92,7 @@ class SlicePredictor:
         self._runtime: tuple[str, EncoderRuntime] | None = None  # (encoder version, its runtime)
         self._runtime_lock = threading.Lock()
         self.compile_decoder = compile_decoder
-        # a GPU decodes a box in ~2 ms in float32: low precision is for the CPU, where it halves a click's decode
-        self.decoder_dtype = low_precision_dtype(self.device, decoder_bf16) if self.device.type == "cpu" else None
+        self.decoder_dtype = serving_dtype(self.device, decoder_bf16)
         self.default_threshold = mask_threshold
         self._warm_up = False  # compiling waits for start_warm_up(): a train subprocess never needs it
         self.use_model(model)

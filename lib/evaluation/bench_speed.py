@@ -39,13 +39,12 @@ from lib.engine.preprocessing import IntensityConfig
 from lib.engine.service import SegmentationService
 from lib.engine.volumes import PreparedVolume, VolumeStore
 from lib.model import build_model
-from lib.model.fast_decoder import FastDecoder
+from lib.model.fast_decoder import FastDecoder, serving_dtype
 from lib.model.foundation import FoundationModel
 from lib.model.runtime import (
     OpenVinoEncoder,
     TorchEncoder,
     cpu_has_bf16,
-    low_precision_dtype,
     openvino_available,
     synchronize,
 )
@@ -215,7 +214,7 @@ def bench_decoders(
 
     rows = {"reference": {"ms": 1000 * median_seconds(lambda: reference_decode(embedding, box), repeats, device)}}
     kinds = [("float32 eager", None, False), ("float32 compiled", None, True)]
-    low = low_precision_dtype(device, True) if device.type == "cpu" else None
+    low = serving_dtype(device, True)
     if low is not None:
         kinds.append(("bfloat16 compiled", low, True))
     embedded = {id(p.pixels): predictor.encode_pixels(p.pixels) for p in prompts}
@@ -234,7 +233,7 @@ def bench_decoders(
             "dice_min": float(min(dices)),
         }  # fmt: skip
         logger.info("decoder %s: %.1f ms, Dice vs reference %.4f", name, rows[name]["ms"], rows[name]["dice_mean"])
-    product = "bfloat16 compiled" if low is not None and product_bf16 else "float32 compiled"
+    product = "bfloat16 compiled" if serving_dtype(device, product_bf16) is not None else "float32 compiled"
     return {"product": product, "rows": rows}
 
 
