@@ -40,6 +40,7 @@ from lib.engine.uncertainty import ScoreConfig  # noqa: E402
 from lib.hardening import install as install_hardening  # noqa: E402
 from lib.infers.foundation import FoundationInfer  # noqa: E402
 from lib.infers.foundation_auto import FoundationAutoInfer  # noqa: E402
+from lib.infers.writer import remove_orphaned_results  # noqa: E402
 from lib.model import LoadedModel, build_model  # noqa: E402
 from lib.model.versions import VersionStore  # noqa: E402
 from lib.scoring.foundation_uncertainty import FoundationUncertainty, descriptor_file  # noqa: E402
@@ -205,6 +206,10 @@ class MedFoundationApp(MONAILabelApp):
         from monailabel.app import app as server  # the running FastAPI app (imported by the server already)
 
         install_hardening(server)
+        # a server stopped by a signal exits without its exit handlers (uvicorn re-raises SIGTERM after its own
+        # shutdown), so the results folder of the last one is removed here
+        for folder in remove_orphaned_results():
+            logger.info("removed %s, the results folder of a server that has stopped", folder)
         self.leases.seed(self._handed_out())
         super().on_init_complete()  # starts scoring in the background (MONAI_LABEL_AUTO_UPDATE_SCORING)
         self.service.predictor.start_warm_up()
