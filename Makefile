@@ -68,7 +68,7 @@ run-pacs: venv data
 
 # `make bench QUICK=1` (under 10 min on 2 cores): serving, interactive on one study and four structures,
 # a one-minute baseline; its report carries the learning curves of the last full run, dated, if any.
-# Full `make bench`: all of it, including bench-learning and bench-active (about 4 h on 2 cores).
+# Full `make bench`: all of it, including bench-learning and bench-active (about 4 h on 2 cores with 2026-11-28's code).
 # Both end with bench-results/results.json and report.md.
 bench: venv data
 	$(PY) -m lib.evaluation.bench_serving --data $(DATA) --out bench-results $(if $(QUICK),--quick,)
@@ -92,7 +92,7 @@ bench-learning: venv data
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning-mobile_sam --model mobile_sam
 	$(PY) -m lib.evaluation.bench_report --out bench-results
 
-# active learning: uncertain / diverse / random (3 seeds) picking from 12 volumes, 4 held out (~2.5 h on 2 cores)
+# active learning: uncertain / diverse / random (3 seeds) picking from 12 volumes, 4 held out (77 min on 2 cores, 2026-12-01)
 bench-active: venv data
 	$(PY) -m lib.evaluation.bench_active --data $(DATA) --out bench-results/active
 

@@ -10,7 +10,7 @@ so far). The served version's `foundation_auto` engine then segments the held-ou
 never picked) and its mean 3D Dice over the ten structures is the curve's point. `random` runs with several
 seeds; the goal is for `uncertain` or `diverse` to reach random's Dice at 8 labels with at most 6.
 Writes results.json, report.md and active_learning.png. Rounds use `--steps` optimiser steps (default 160,
-fewer than the product's 400: even so the whole comparison takes about 2.5 h on 2 CPU cores).
+fewer than the product's 400; the whole comparison took 77 min on 2 CPU cores on 2026-12-01, 2.5 h on 2026-11-28).
 `--report-only` rewrites report and plot from a (possibly stopped) run's results.json; `--time-scoring`
 times scoring alone with the last `uncertain` run's version.
 """
