@@ -6,10 +6,12 @@ writer left behind can be told from what a live one is writing, and removed.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -78,15 +80,27 @@ def temporary_writer(path: Path) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
-def remove_stale_temporaries(paths: Iterable[Path]) -> None:
+def remove_stale_temporaries(paths: Iterable[Path]) -> list[Path]:
     """Remove the temporaries among `paths` whose writer died (SIGKILL, power loss) before renaming them into
-    place: they were never visible. A live writer's (a server beside its train subprocess) are left alone."""
+    place: they were never visible. A live writer's (a server beside its train subprocess) are left alone.
+    Returns the removed paths."""
+    removed = []
     for path in paths:
         pid = temporary_writer(path)
         if pid is None or writer_alive(pid):
             continue
-        logger.info("removing %s, left by process %d that died while writing it", path, pid)
+        logger.info("removing %s, left by process %d, which is gone", path, pid)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def scratch_dir(prefix: str, suffix: str = "") -> Path:
+    """A new folder in the system temp folder, removed when this process exits normally (a benchmark's copies of
+    studies, model folders of 50 MB, client downloads, a server's results: nothing a later run should find)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder

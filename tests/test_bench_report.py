@@ -68,7 +68,7 @@ def test_a_benchmarks_scratch_folders_are_gone_when_it_exits():
     # copies of studies, 50 MB model folders, client downloads: on 2026-12-01 this machine held 71 such folders
     # left by earlier benchmark runs
     script = (
-        "from lib.evaluation.server import scratch_dir\n"
+        "from lib.atomic import scratch_dir\n"
         "folder = scratch_dir('bench-test-'); (folder / 'model').mkdir(); (folder / 'model' / 'w').write_bytes(b'x')\n"
         "print(folder)\n"
     )

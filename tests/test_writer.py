@@ -76,8 +76,8 @@ def test_a_results_folder_goes_with_its_process_or_with_the_next_one(tmp_path):
 def test_only_folders_of_processes_that_are_gone_are_removed(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    orphan = tmp_path / f"{RESULTS_PREFIX}{gone.pid}-abc"
-    live = tmp_path / f"{RESULTS_PREFIX}{os.getpid()}-xyz"
+    orphan = tmp_path / f"{RESULTS_PREFIX}abc-{gone.pid}"
+    live = tmp_path / f"{RESULTS_PREFIX}xyz-{os.getpid()}"
     unnamed = tmp_path / f"{RESULTS_PREFIX}k2j4h5g6"  # no PID in its name: not ours to judge
     for folder in (orphan, live, unnamed):
         folder.mkdir()

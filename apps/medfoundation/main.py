@@ -207,9 +207,8 @@ class MedFoundationApp(MONAILabelApp):
 
         install_hardening(server)
         # a server stopped by a signal exits without its exit handlers (uvicorn re-raises SIGTERM after its own
-        # shutdown), so the results folder of the last one is removed here
-        for folder in remove_orphaned_results():
-            logger.info("removed %s, the results folder of a server that has stopped", folder)
+        # shutdown), so the results folder of the last one is removed here (logged as it goes)
+        remove_orphaned_results()
         self.leases.seed(self._handed_out())
         super().on_init_complete()  # starts scoring in the background (MONAI_LABEL_AUTO_UPDATE_SCORING)
         self.service.predictor.start_warm_up()

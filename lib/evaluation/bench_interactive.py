@@ -24,10 +24,11 @@ import nibabel as nib
 import numpy as np
 from monailabel.client import MONAILabelClient
 
+from lib.atomic import scratch_dir
 from lib.evaluation.annotator import MAX_CLICKS, HttpSegmenter, clicks_to_reach, session_2d, session_3d
 from lib.evaluation.bench_serving import PeakMemory
 from lib.evaluation.ground_truth import middle_slice
-from lib.evaluation.server import ServerProcess, scratch_dir
+from lib.evaluation.server import ServerProcess
 
 logger = logging.getLogger("bench-interactive")
 REPORTED_CLICKS = (0, 1, 3, 5)  # Dice after the box and after these many corrective clicks

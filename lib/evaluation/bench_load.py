@@ -33,9 +33,10 @@ import psutil
 import requests
 from monailabel.client import MONAILabelClient
 
+from lib.atomic import scratch_dir
 from lib.evaluation.bench_serving import PeakMemory, wait_for_compiled_decoder
 from lib.evaluation.ground_truth import centre_click, middle_slice
-from lib.evaluation.server import ServerProcess, scratch_dir
+from lib.evaluation.server import ServerProcess
 
 logger = logging.getLogger("bench.load")
 

@@ -27,8 +27,9 @@ import numpy as np
 import psutil
 from monailabel.client import MONAILabelClient
 
+from lib.atomic import scratch_dir
 from lib.evaluation.ground_truth import box_on_slice, centre_click, dice, middle_slice, roi_3d
-from lib.evaluation.server import ServerProcess, scratch_dir
+from lib.evaluation.server import ServerProcess
 
 logger = logging.getLogger("bench")
 

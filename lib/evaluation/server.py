@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,14 +14,6 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def scratch_dir(prefix: str) -> Path:
-    """A new folder in the system temp folder, removed when this process exits (a benchmark's copies of studies,
-    model folders of 50 MB, client downloads: nothing a later run should find)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
 
 
 def free_port() -> int:

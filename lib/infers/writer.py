@@ -7,17 +7,15 @@ are written in one piece, gzip level 1 when compression is asked for: 4-10 ms.
 
 from __future__ import annotations
 
-import atexit
 import gzip
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from lib.atomic import writer_alive
+from lib.atomic import remove_stale_temporaries, scratch_dir
 
 SUPPORTED = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
@@ -26,35 +24,29 @@ _NRRD_TYPES = {np.uint8: "uint8", np.uint16: "uint16", np.int16: "int16", np.int
 # Results live in a folder of their own: MONAI Label's client saves a result as <its tmpdir>/<file name>, which
 # is the system temp folder by default, so a result written there by a server on the same workstation would be
 # the very file the server's clean-up task deletes once the response is sent.
-RESULTS_PREFIX = "medfoundation-results-"
+RESULTS_PREFIX = ".tmp-medfoundation-results-"
 _RESULTS_DIR: str | None = None
 
 
 def results_dir() -> str:
-    """This process's results folder, `<temp>/medfoundation-results-<pid>-<random>`, removed when it exits.
+    """This process's results folder, `<temp>/.tmp-medfoundation-results-<random>-<pid>`, removed when it exits.
 
-    A server that is killed (or stopped by a signal that skips exit handlers) cannot remove its own, so each new
-    folder's maker first removes those of processes that are gone (`remove_orphaned_results`).
+    A server that is killed (or stopped by a signal that skips exit handlers) cannot remove its own; its name is a
+    temporary's with the writer's PID (lib.atomic), so each new folder's maker first removes those of processes
+    that are gone (`remove_orphaned_results`).
     """
     global _RESULTS_DIR
     if _RESULTS_DIR is None or not os.path.isdir(_RESULTS_DIR):
         remove_orphaned_results()
-        _RESULTS_DIR = tempfile.mkdtemp(prefix=f"{RESULTS_PREFIX}{os.getpid()}-")
-        atexit.register(shutil.rmtree, _RESULTS_DIR, ignore_errors=True)
+        _RESULTS_DIR = str(scratch_dir(RESULTS_PREFIX, suffix=f"-{os.getpid()}"))
     return _RESULTS_DIR
 
 
 def remove_orphaned_results(parent: str | Path | None = None) -> list[Path]:
     """Remove the results folders in `parent` (default: the system temp folder) whose process is gone and that
     this user owns; return them. Another user's folders, and a live server's, are left alone."""
-    removed = []
-    for folder in Path(parent or tempfile.gettempdir()).glob(f"{RESULTS_PREFIX}*-*"):
-        pid = folder.name.removeprefix(RESULTS_PREFIX).split("-", 1)[0]
-        if not pid.isdigit() or writer_alive(int(pid)) or not _owned(folder):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
+    found = Path(parent or tempfile.gettempdir()).glob(f"{RESULTS_PREFIX}*")
+    return remove_stale_temporaries(folder for folder in found if _owned(folder))
 
 
 def _owned(path: Path) -> bool:
