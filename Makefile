@@ -69,7 +69,9 @@ run-pacs: venv data
 # `make bench QUICK=1` (under 10 min on 2 cores): serving, interactive on one study and four structures,
 # a one-minute baseline; its report carries the learning curves of the last full run, dated, if any.
 # Full `make bench`: all of it, including bench-learning and bench-active (about 4 h on 2 cores with 2026-11-28's code).
-# Both end with bench-results/results.json and report.md.
+# Both end with bench-results/results.json and report.md. The speed benchmark times the automatic head of the
+# learning run just made (its 8-volume version), found by the shell: make expands $(wildcard) before a rule's
+# first line runs, when a fresh clone has no run yet.
 bench: venv data
 	$(PY) -m lib.evaluation.bench_serving --data $(DATA) --out bench-results $(if $(QUICK),--quick,)
 	$(PY) -m lib.evaluation.bench_interactive --data $(DATA) --out bench-results $(if $(QUICK),--quick,)
@@ -77,9 +79,9 @@ ifdef QUICK
 	$(PY) -m lib.evaluation.bench_baseline --data $(DATA) --out bench-results/baseline --quick
 else
 	$(PY) -m lib.evaluation.bench_baseline --data $(DATA) --out bench-results/baseline --minutes 9
-	$(PY) -m lib.evaluation.bench_speed --data $(DATA) --out bench-results \
-		$(if $(wildcard bench-results/active/run-*/uncertain-0),--version-dir $(lastword $(sort $(wildcard bench-results/active/run-*/uncertain-0))),)
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning
+	$(PY) -m lib.evaluation.bench_speed --data $(DATA) --out bench-results \
+		--version-dir "$$(ls -d bench-results/learning/run-* | sort | tail -n 1)"
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning-mobile_sam --model mobile_sam
 	$(PY) -m lib.evaluation.bench_active --data $(DATA) --out bench-results/active
 endif
