@@ -129,7 +129,7 @@ def test_tokens_that_are_missing_forged_expired_or_hmac_are_refused(auth_server,
     assert _call(auth_server, "GET", "/info/", provider.token([USER])).status_code == 200
 
 
-def test_roles_gate_labels_training_rollback_and_scoring(auth_server, provider, sample_data):
+def test_roles_gate_labels_training_rollback_and_scoring(auth_server, provider, sample_data, tmp_path):
     user, annotator = provider.token([USER]), provider.token([ANNOTATOR, USER])
     admin = provider.token([ADMIN, REVIEWER, ANNOTATOR, USER])
     label = Path(sample_data / "ground-truth" / "sub-01.nii.gz")
@@ -161,7 +161,7 @@ def test_roles_gate_labels_training_rollback_and_scoring(auth_server, provider, 
     assert save(annotator).status_code == 200
 
     # the Slicer module's client with a token: infer as a user
-    client = MONAILabelClient(auth_server.url)
+    client = MONAILabelClient(auth_server.url, tmpdir=str(tmp_path))
     client.update_auth({"token_type": "Bearer", "access_token": user})
     _, params = client.infer("foundation_2d", "sub-01", {"foreground": [[60, 70, 40]]})
     assert params["slice"] == 40

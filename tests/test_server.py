@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return MONAILabelClient(server[0], client_id="pytest")
+def client(server, tmp_path_factory):
+    # results downloaded into pytest's folder, not left in /tmp by every run
+    return MONAILabelClient(server[0], tmpdir=str(tmp_path_factory.mktemp("client")), client_id="pytest")
 
 
 def _image(studies, image_id):

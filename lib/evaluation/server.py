@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+
+from lib.atomic import scratch_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,6 +46,10 @@ class ServerProcess:
         conf: extra `--conf key value` pairs.
         app: the app folder (default: this repository's medfoundation app).
         env: extra environment variables (MONAI Label's own settings, e.g. MONAI_LABEL_AUTO_UPDATE_SCORING).
+
+    Each start gives the server a temp folder of its own (TMPDIR), removed when it is stopped: MONAI Label leaves
+    files in the temp folder (a logging config per start, the upload of a refused request), and a test run
+    starts dozens of servers.
     """
 
     def __init__(
@@ -62,6 +69,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = env or {}
         self.process: subprocess.Popen | None = None
+        self.tmp: Path | None = None
 
     def start(self, timeout: float = 180) -> ServerProcess:
         command = [
@@ -71,7 +79,13 @@ class ServerProcess:
         ]  # fmt: skip
         for key, value in self.conf.items():
             command += ["--conf", key, str(value)]
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **self.env)
+        self.tmp = scratch_dir("medfoundation-server-")
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            "TMPDIR": str(self.tmp),
+            **self.env,
+        }
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -110,15 +124,17 @@ class ServerProcess:
             return []
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        children = self.children()  # by PID, before the parent goes: a round in progress must not outlive it
-        stop_process(self.process)
-        for child in children:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+        if self.process is not None and self.process.poll() is None:
+            children = self.children()  # by PID, before the parent goes: a round in progress must not outlive it
+            stop_process(self.process)
+            for child in children:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
     def __enter__(self) -> ServerProcess:
         return self.start()
