@@ -284,7 +284,7 @@ def test_sigkill_during_training_and_during_publishing_leaves_a_served_model_tha
     assert _served_model_loads(model_dir) == 0
 
     with ServerProcess(studies, tmp_path / "third.log", conf, env=QUIET_ENV) as server:
-        client = MONAILabelClient(server.url)
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
         stats = client.info()["train_stats"]["foundation"]
         assert stats["served_version"] == 0 and [v["version"] for v in stats["versions"]] == [0]
         assert set(client.datastore()["objects"]["sub-01"]["labels"]) == {"final"}
