@@ -68,7 +68,7 @@ run-pacs: venv data
 
 # `make bench QUICK=1` (under 10 min on 2 cores): serving, interactive on one study and four structures,
 # a one-minute baseline; its report carries the learning curves of the last full run, dated, if any.
-# Full `make bench`: all of it, including bench-learning and bench-active (about 4 h on 2 cores with 2026-11-28's code).
+# Full `make bench`: all of it, including bench-learning and bench-active (2 h 18 min from a fresh clone on 2 cores, 2026-12-01).
 # Both end with bench-results/results.json and report.md. The speed benchmark times the automatic head of the
 # learning run just made (its 8-volume version), found by the shell: make expands $(wildcard) before a rule's
 # first line runs, when a fresh clone has no run yet.
