@@ -94,7 +94,7 @@ bench-learning: venv data
 	$(PY) -m lib.evaluation.bench_learning --data $(DATA) --out bench-results/learning-mobile_sam --model mobile_sam
 	$(PY) -m lib.evaluation.bench_report --out bench-results
 
-# active learning: uncertain / diverse / random (3 seeds) picking from 12 volumes, 4 held out (77 min on 2 cores, 2026-12-01)
+# active learning: uncertain / diverse / random (3 seeds) picking from 12 volumes, 4 held out (65–77 min on 2 cores, 2026-12-01)
 bench-active: venv data
 	$(PY) -m lib.evaluation.bench_active --data $(DATA) --out bench-results/active
 
