@@ -90,7 +90,7 @@ class AppSettings:
     propagation_roi_slack: float | None = None
     # move each propagated box towards the centre a sagittal and a coronal cut show, by at most this many pixels
     propagation_plane_guide: float = 2.0
-    propagation_smooth: float = 1.0  # Gaussian sigma (voxels) that smooths the propagated 3D mask (0: off)
+    propagation_smooth: float = 1.0  # Gaussian sigma (voxels) that smooths the propagated logits across slices (0: off)
     # 3: with an roi, also propagate through sagittal and coronal slices and fuse the three masks; 1: axial only
     propagation_planes: int = 1
     click_corrections: bool = True  # edit masks to agree with every click (off: the model's mask as it is)

@@ -7,25 +7,37 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from conftest import load_truth
 from lib.engine.cache import EmbeddingCache
 from lib.engine.interactive import (
+    EVIDENCE_CLIP,
     PropagationConfig,
+    VolumeResult,
     clip_to_roi,
-    cross_plane_masks,
-    fuse_masks,
+    cross_plane_walks,
+    focus,
+    fuse_walks,
+    mask_centres,
     nudge_centre,
     plane_centres,
     propagate,
     segment_2d,
-    smooth_mask,
     tapered_box,
+    walk_evidence,
 )
 from lib.engine.predictor import SlicePrediction, SlicePredictor
 from lib.engine.preprocessing import IntensityConfig, intensity_bounds, to_uint8
 from lib.engine.prompts import Prompt
-from lib.engine.volumes import ImageReadError, ImageTooLarge, PreparedVolume, VolumeStore, from_plane_view
+from lib.engine.volumes import (
+    ImageReadError,
+    ImageTooLarge,
+    PreparedVolume,
+    VolumeStore,
+    from_plane_view,
+    to_plane_view,
+)
 from lib.evaluation.ground_truth import box_on_slice, centre_click, dice, middle_slice, roi_3d
 
 
@@ -192,6 +204,12 @@ def test_a_mask_segmented_on_a_plane_view_comes_back_on_the_volumes_axes():
         assert np.array_equal(from_plane_view(volume.plane_view(plane).data, plane), data), plane
 
 
+def sure(mask: np.ndarray, inside: float = EVIDENCE_CLIP, outside: float = -EVIDENCE_CLIP) -> tuple[VolumeResult, None]:
+    """An axial walk with the same margin on every voxel of its mask (`inside`) and on every other one."""
+    margins = {z: np.where(mask[:, :, z].T, inside, outside) for z in range(mask.shape[2])}
+    return VolumeResult(mask, np.eye(4), margins=margins), None
+
+
 def test_fusing_three_planes_keeps_what_two_agree_on_and_drops_what_one_alone_says():
     axial = np.zeros((30, 30, 20), bool)
     axial[10:20, 10:20, 4:16] = True
@@ -201,19 +219,70 @@ def test_fusing_three_planes_keeps_what_two_agree_on_and_drops_what_one_alone_sa
     sagittal[10:20, 10:20, 9] = True  # the sagittal walk found it: with the coronal one missing it, 1 of 3
     coronal[10:20, 10:20, 9] = True  # ...and the coronal one too: 2 of 3
     coronal[2:8, 2:8, 2:18] = True  # a neighbour only the coronal walk took
+    walks = [sure(axial), sure(sagittal), sure(coronal)]
     for sigma in (0.0, 1.0):
-        fused = fuse_masks([axial, sagittal, coronal], sigma, keep=[])
+        fused = fuse_walks(walks, sigma, keep=[], weights=[1.0, 1.0, 1.0])
         assert fused[12:18, 12:18, 9].all() and not fused[2:8, 2:8, 2:18].any()
-    assert not fuse_masks([axial, sagittal, coronal], 1.0, keep=[9])[:, :, 9].any()  # a clicked slice stays axial
+    assert not fuse_walks(walks, 1.0, keep=[9], weights=[1.0] * 3)[:, :, 9].any()  # a clicked slice stays axial
     empty = np.zeros_like(axial)
-    assert fuse_masks([empty, empty, empty], 1.0, keep=[]) is empty
+    assert fuse_walks([sure(empty)] * 3, 1.0, keep=[], weights=[1.0] * 3) is empty
     # the axial walk counting twice: it still needs one view to agree, and two views without it are outvoted
     one, two, three = (np.zeros((8, 8, 8), bool) for _ in range(3))
     one[:4] = True
     two[:2] = three[2:6] = True
-    weighted = fuse_masks([one, two, three], 0.0, keep=[], weights=[2.0, 1.0, 1.0])
+    weighted = fuse_walks([sure(one), sure(two), sure(three)], 0.0, keep=[], weights=[2.0, 1.0, 1.0])
     assert weighted[:4].all() and not weighted[4:].any()
-    assert not fuse_masks([one, two, three], 0.0, keep=[], weights=[1.0, 1.0, 1.0])[4:].any()
+    assert not fuse_walks([sure(one), sure(two), sure(three)], 0.0, keep=[], weights=[1.0, 1.0, 1.0])[4:].any()
+    # how sure each walk was decides: the one that took [4:6] barely loses, the one that rejected it barely too
+    took, rejected = np.zeros((8, 8, 8), bool), np.zeros((8, 8, 8), bool)
+    took[:6] = rejected[:4] = True
+    assert not fuse_walks([sure(took, inside=0.5), sure(rejected)], 0.0, [], [1.0, 1.0])[4:6].any()
+    assert fuse_walks([sure(took), sure(rejected, outside=-0.5)], 0.0, [], [1.0, 1.0])[4:6].all()
+    # a view's walk comes back on the volume's axes
+    view = sure(to_plane_view(coronal, "coronal"))[0]
+    assert np.array_equal(fuse_walks([(view, "coronal")], 0.0, [], [1.0]), coronal)
+
+
+def test_a_slice_margin_is_above_zero_exactly_where_the_decoded_mask_is(engine, labels):
+    predictor, volume, truth = engine
+    structure = truth == labels["left_thalamus"]
+    z = middle_slice(structure)
+    box = Prompt.from_request({"roi": box_on_slice(structure, z)}, volume.shape).box_2d()
+    for window in (None, focus(box, volume, 3.0)):
+        prediction = predictor.predict(volume, z, box=box, window=window)
+        margin = predictor.slice_margin(volume, prediction)
+        assert margin.shape == prediction.mask.shape and prediction.mask.sum() > 50
+        assert np.array_equal(margin > 0, prediction.mask)
+    inside = window.paste(np.ones((window.side, window.side), bool), margin.shape)
+    assert np.array_equal(np.isfinite(margin), inside) and not inside.all()  # outside the focus window: no opinion
+
+
+def test_a_walks_evidence_is_its_clipped_margin_near_its_mask_and_no_elsewhere():
+    mask = np.zeros((12, 10, 6), bool)
+    mask[3:6, 2:5, 2] = True
+    margin = np.full((10, 12), 50.0, np.float32)  # (H, W) = (Y, X): sure everywhere, even far from the mask
+    margin[0, 0] = -np.inf  # outside a focus window
+    evidence = walk_evidence(VolumeResult(mask, np.eye(4), [2], margins={2: margin}))
+    assert evidence.dtype == np.float16 and evidence.shape == mask.shape
+    assert np.all(evidence[3:6, 2:5, 2] == np.float16(EVIDENCE_CLIP))  # clipped
+    assert evidence[1, 2, 2] == np.float16(EVIDENCE_CLIP) and evidence[0, 2, 2] == np.float16(-EVIDENCE_CLIP)
+    assert np.all(evidence[:, :, [0, 1, 3, 4, 5]] == np.float16(-EVIDENCE_CLIP))  # slices it never segmented
+    # a sagittal walk's evidence comes back on the volume's axes, near its mask on each of its slices (x = i)
+    view = to_plane_view(mask, "sagittal")
+    sure_margins = {x: np.ones(view[:, :, x].T.shape, np.float32) for x in range(2, 7)}
+    back = walk_evidence(VolumeResult(view, np.eye(4), margins=sure_margins), "sagittal")
+    assert back.shape == mask.shape
+    near = ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 1), iterations=2)  # 3D, 6-connected
+    assert near[2].any() and not mask[2].any()  # the slice beside the mask's own counts as near
+    for x in range(2, 7):
+        assert np.array_equal(back[x] > 0, near[x]), x
+
+
+def test_mask_centres_are_the_middle_of_each_slices_extent():
+    mask = np.zeros((20, 30, 5), bool)
+    mask[4:9, 10:21, 1] = True  # x 4..8, y 10..20
+    mask[[2, 12], 5, 3] = True  # two specks: the extent's middle, not the mean
+    assert mask_centres(mask) == {1: (6.0, 15.0), 3: (7.0, 5.0)}
 
 
 class BrightInTheBox:
@@ -223,6 +292,9 @@ class BrightInTheBox:
     model = SimpleNamespace(spec=SimpleNamespace(point_prompts=False))
     encoded_slices = 0
 
+    def __init__(self):
+        self.boxes = []  # (volume key, z, box) of every decode
+
     def encode(self, volume, slices, window=None) -> int:
         return 0
 
@@ -231,24 +303,50 @@ class BrightInTheBox:
         inside = np.zeros(image.shape, bool)
         x0, y0, x1, y1 = (int(v) for v in box)
         inside[max(0, y0) : y1 + 1, max(0, x0) : x1 + 1] = True
+        self.boxes.append((volume.key, int(z), (x0, y0, x1, y1)))
         return SlicePrediction((image > 127) & inside, torch.zeros(1, 1, 256, 256), 1.0)
+
+    def slice_margin(self, volume, prediction):
+        return np.where(prediction.mask, 3.0, -3.0).astype(np.float32)
 
 
 def test_the_sagittal_and_coronal_walks_come_back_on_the_volumes_axes_and_fuse():
-    x, y, z = np.meshgrid(np.arange(40), np.arange(48), np.arange(36), indexing="ij")
     # a tilted ellipsoid with three different radii, off centre: a swapped or flipped axis would misplace it
-    truth = ((x - 17 - 0.3 * (z - 18)) / 9) ** 2 + ((y - 26) / 12) ** 2 + ((z - 18) / 7) ** 2 <= 1
-    volume = PreparedVolume("ellipsoid", np.where(truth, 200, 20).astype(np.uint8), np.eye(4), "MR")
-    prompt = Prompt.from_request({"roi": roi_3d(truth), "slice": middle_slice(truth)}, volume.shape)
+    volume, truth, prompt = tilted_ellipsoid()
     config = PropagationConfig(roi_slack=0.5, plane_guide=0.0, smooth_sigma=0.0, planes=3)
     axial = propagate(BrightInTheBox(), volume, prompt, replace(config, planes=1)).mask
-    sagittal, coronal = cross_plane_masks(BrightInTheBox(), volume, prompt, axial, config)
+    walks = cross_plane_walks(BrightInTheBox(), volume, prompt, axial, config)
+    assert [plane for _, plane in walks] == ["sagittal", "coronal"]
+    sagittal, coronal = (from_plane_view(walk.mask, plane) for walk, plane in walks)
     assert dice(sagittal, truth) > 0.9 and dice(coronal, truth) > 0.9, (dice(sagittal, truth), dice(coronal, truth))
+    for walk, plane in walks:  # a vote on every slice the walk segmented, on the volume's axes
+        assert sorted(walk.margins) == walk.slices and walk_evidence(walk, plane).shape == truth.shape
     fused = propagate(BrightInTheBox(), volume, prompt, config)
     assert fused.info["planes"] == 3 and dice(fused.mask, truth) > 0.9
     roi = prompt.roi
     assert not fused.mask[:, :, : roi[4]].any() and not fused.mask[:, :, roi[5] + 1 :].any()  # the roi's z-range
     assert propagate(BrightInTheBox(), volume, prompt, replace(config, planes=1)).info["planes"] == 1
+
+
+def tilted_ellipsoid() -> tuple[PreparedVolume, np.ndarray, Prompt]:
+    x, y, z = np.meshgrid(np.arange(40), np.arange(48), np.arange(36), indexing="ij")
+    truth = ((x - 17 - 0.3 * (z - 18)) / 9) ** 2 + ((y - 26) / 12) ** 2 + ((z - 18) / 7) ** 2 <= 1
+    volume = PreparedVolume("ellipsoid", np.where(truth, 200, 20).astype(np.uint8), np.eye(4), "MR")
+    return volume, truth, Prompt.from_request({"roi": roi_3d(truth), "slice": middle_slice(truth)}, volume.shape)
+
+
+def test_given_centres_steer_the_boxes_instead_of_the_two_cuts():
+    volume, truth, prompt = tilted_ellipsoid()
+    config = PropagationConfig(roi_slack=-1.0, plane_guide=2.0, smooth_sigma=0.0)
+    plain, steered = BrightInTheBox(), BrightInTheBox()
+    propagate(plain, volume, prompt, config)
+    assert any(key.endswith(":sagittal") for key, _, _ in plain.boxes)  # the cuts ran
+    propagate(steered, volume, prompt, config, centres={z: (0.0, 0.0) for z in range(volume.shape[2])})
+    assert all(key == "ellipsoid" for key, _, _ in steered.boxes)  # given centres: no cuts
+    before = {z: np.asarray(box) for key, z, box in plain.boxes if key == "ellipsoid"}
+    after = {z: np.asarray(box) for _, z, box in steered.boxes}
+    moved = [z for z in after if z != prompt.start_slice() and z in before]
+    assert moved and all(np.all(after[z][:2] + after[z][2:] < before[z][:2] + before[z][2:]) for z in moved)
 
 
 def test_the_box_moves_towards_the_cuts_centre_by_at_most_the_limit():
@@ -263,11 +361,18 @@ def test_smoothing_fills_a_missed_slice_drops_a_stray_one_and_keeps_clicked_slic
     mask[10:20, 10:20, 4:16] = True
     mask[:, :, 9] = False  # one slice the decoder lost
     mask[2:5, 2:5, 12] = True  # a stray blob on one slice
-    smoothed = smooth_mask(mask, 1.0, keep=[])
+    smoothed = fuse_walks([sure(mask)], 1.0, keep=[], weights=[1.0])
     assert smoothed[12:18, 12:18, 9].all() and not smoothed[2:5, 2:5, 12].any()
-    kept = smooth_mask(mask, 1.0, keep=[9])
+    kept = fuse_walks([sure(mask)], 1.0, keep=[9], weights=[1.0])
     assert not kept[:, :, 9].any()  # a slice with clicks keeps its click-edited mask
-    assert smooth_mask(mask, 0.0, keep=[]) is mask
+    # an unsure edge gives way to sure neighbours: a bulge the decoder barely took is dropped, a firm one kept
+    bulge = mask.copy()
+    bulge[20:24, 10:20, 8:13] = True
+    for margin, expected in ((0.3, False), (EVIDENCE_CLIP, True)):
+        walk = sure(bulge)[0]
+        for z in range(8, 13):
+            walk.margins[z][10:20, 20:24] = margin  # (Y, X)
+        assert fuse_walks([(walk, None)], 1.0, keep=[], weights=[1.0])[22, 12:18, 10].all() == expected, margin
 
 
 def test_the_sagittal_and_coronal_cuts_find_the_structures_centre_on_its_slices(engine, labels):

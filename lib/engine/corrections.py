@@ -124,7 +124,9 @@ def apply_clicks(
             mask[y, x] = False  # the click's own pixel, even when it is the mask's centre
     if np.array_equal(mask, prediction.mask):
         return prediction
-    return SlicePrediction(mask=mask, iou=prediction.iou, low_res_logits=prediction.low_res_logits)
+    return SlicePrediction(
+        mask=mask, iou=prediction.iou, low_res_logits=prediction.low_res_logits, window=prediction.window
+    )
 
 
 def _dot(shape: tuple[int, int], x: int, y: int) -> np.ndarray:

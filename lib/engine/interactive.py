@@ -19,9 +19,15 @@ from lib.engine.corrections import apply_clicks, click_boxes, grow_box
 from lib.engine.predictor import SlicePrediction, SlicePredictor
 from lib.engine.preprocessing import Window
 from lib.engine.prompts import Prompt
-from lib.engine.volumes import PreparedVolume, from_plane_view
+from lib.engine.volumes import PreparedVolume, from_plane_view, to_plane_view
 
 logger = logging.getLogger(__name__)
+
+# A walk's vote on a voxel: the decoder's logit minus the mask threshold, within +-EVIDENCE_CLIP (a probability of
+# 0.001..0.999: one sure decode must not outvote two others), counted within EVIDENCE_REACH pixels of the walk's
+# mask on its slice (further out it is what the roi cut or the neighbour filter removed).
+EVIDENCE_CLIP = 6.9
+EVIDENCE_REACH = 2
 
 
 @dataclass(frozen=True)
@@ -53,11 +59,14 @@ class PropagationConfig:
         towards the structure's centre on that slice as read from one sagittal and one coronal cut through the
         roi's centre (`plane_centres`; 0: off). The chain of boxes lags a structure that moves from slice to
         slice, and a box's position, not its size, is most of the gap to the ground truth's boxes (README).
-    smooth_sigma: the propagated 3D mask is Gaussian-smoothed with this sigma (voxels) and thresholded at one
-        half (0: off), so that one slice's decode does not stand alone against its neighbours. Slices with
-        clicks keep their click-edited masks.
+    smooth_sigma: the walk's votes (`walk_evidence`: the decoder's logits near its mask) are Gaussian-smoothed
+        with this sigma (voxels) and the 3D mask is where they stay above zero (0: the mask as walked), so that
+        one slice's decode does not stand alone against its neighbours, and a pixel the decoder was unsure of
+        gives way to sure neighbours (logits rather than the mask: 0.666 -> 0.675 on sub-01..03, README).
+        Slices with clicks keep their click-edited masks.
     planes: 3: with an roi, the structure is also propagated through its sagittal and its coronal slices
-        (`cross_plane_masks`), and the three masks are fused (`fuse_masks`, the axial one counting twice): each
+        (`cross_plane_walks`, their boxes steered towards the axial mask's centre on each of their slices), and
+        the three walks vote by the decoder's logits (`fuse_walks`, the axial walk counting twice): each
         plane's decodes err in their own way. 1: axial slices only (about a third of the encodes).
     """
 
@@ -80,12 +89,14 @@ class PropagationConfig:
 
 @dataclass
 class VolumeResult:
-    """mask: (X, Y, Z) bool; affine: the image's voxel->RAS; slices: segmented slice indices; info: for the response."""
+    """mask: (X, Y, Z) bool; affine: the image's voxel->RAS; slices: segmented slice indices; info: for the response;
+    margins: {z: (H, W) float16 `SlicePredictor.slice_margin`} of each segmented slice, when asked for."""
 
     mask: np.ndarray
     affine: np.ndarray
     slices: list[int] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    margins: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def bounding_box(mask: np.ndarray) -> np.ndarray | None:
@@ -254,6 +265,15 @@ def plane_centres(
     return {z: (c[0], c[1]) for z, c in centres.items()}
 
 
+def mask_centres(mask: np.ndarray) -> dict[int, tuple[float, float]]:
+    """{z: (x, y)} the middle of each slice's extent of a (X, Y, Z) mask, on the slices where it shows."""
+    centres = {}
+    for z in np.nonzero(mask.any(axis=(0, 1)))[0]:
+        xs, ys = np.nonzero(mask[:, :, z].any(axis=1))[0], np.nonzero(mask[:, :, z].any(axis=0))[0]
+        centres[int(z)] = ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2)
+    return centres
+
+
 def nudge_centre(box: np.ndarray, centre: tuple[float | None, float | None] | None, limit: float) -> np.ndarray:
     """`box` moved towards `centre` (x, y; None: that axis stays) by at most `limit` pixels per axis."""
     if centre is None:
@@ -265,59 +285,67 @@ def nudge_centre(box: np.ndarray, centre: tuple[float | None, float | None] | No
     return np.round(box + np.tile(shift, 2)).astype(np.int64)
 
 
-def smooth_mask(mask: np.ndarray, sigma: float, keep: list[int]) -> np.ndarray:
-    """(X, Y, Z) mask Gaussian-smoothed (sigma voxels) and thresholded at 1/2, within its bounding box + 3 sigma;
-    the slices in `keep` stay as they were."""
-    if sigma <= 0 or not mask.any():
-        return mask
-    pad = int(np.ceil(3 * sigma))
-    found = ndimage.find_objects(mask.view(np.uint8))[0]
-    region = tuple(slice(max(0, s.start - pad), s.stop + pad) for s in found)
-    smoothed = mask.copy(order="F")
-    smoothed[region] = ndimage.gaussian_filter(mask[region].astype(np.float32), sigma) > 0.5
-    for z in keep:
-        smoothed[:, :, z] = mask[:, :, z]
-    return smoothed
+def walk_evidence(walk: VolumeResult, plane: str | None = None) -> np.ndarray:
+    """(X, Y, Z) float16: a walk's vote on every voxel, from its mask and margins (`propagate(..., margins=True)`)
+    in the walk's own layout (`plane`: a sagittal or coronal view; None: axial): on each segmented slice the
+    decoder's margin clipped to +-EVIDENCE_CLIP within EVIDENCE_REACH voxels of the mask (in 3D, 6-connected: its
+    neighbour slices' masks count too; in-plane only lost 0.003 on sub-04/05), -EVIDENCE_CLIP elsewhere (a slice
+    the walk never segmented says "not here")."""
+    evidence = np.full(walk.mask.shape, -EVIDENCE_CLIP, np.float16)
+    found = ndimage.find_objects(walk.mask.view(np.uint8))
+    if not found:
+        return evidence if plane is None else from_plane_view(evidence, plane)
+    region = tuple(slice(max(0, s.start - EVIDENCE_REACH), s.stop + EVIDENCE_REACH) for s in found[0])
+    near = np.zeros(walk.mask.shape, bool)
+    cross = ndimage.generate_binary_structure(3, 1)
+    near[region] = ndimage.binary_dilation(walk.mask[region], cross, iterations=EVIDENCE_REACH)
+    for z, margin in walk.margins.items():
+        evidence[:, :, z] = np.where(near[:, :, z], np.clip(margin.T, -EVIDENCE_CLIP, EVIDENCE_CLIP), -EVIDENCE_CLIP)
+    return evidence if plane is None else from_plane_view(evidence, plane)
 
 
-def fuse_masks(
-    masks: list[np.ndarray], sigma: float, keep: list[int], weights: list[float] | None = None
+def fuse_walks(
+    walks: list[tuple[VolumeResult, str | None]], sigma: float, keep: list[int], weights: list[float]
 ) -> np.ndarray:
-    """(X, Y, Z) voxels where the Gaussian-smoothed masks (sigma voxels; 0: as they are), weighted, average above
-    one half, within their joint bounding box + 3 sigma; the first mask's slices in `keep` stay as they were."""
+    """(X, Y, Z) voxels where the walks' Gaussian-smoothed evidence (sigma voxels; `walk_evidence`), weighted, sums
+    above zero, within their masks' joint bounding box + 3 sigma + EVIDENCE_REACH (beyond it every walk says no);
+    the first walk's slices in `keep` stay as they were. Each walk is (result in its own layout, its plane or None
+    for axial). Logits rather than masks: a voxel that one walk barely took and another firmly rejected is decided
+    by how sure each was (sub-04/05: 0.705 -> 0.709, README). One walk alone: the propagation's smoothing."""
+    masks = [walk.mask if plane is None else from_plane_view(walk.mask, plane) for walk, plane in walks]
     first = masks[0]
-    weights = weights or [1.0] * len(masks)
     union = np.logical_or.reduce(masks)
     if not union.any():
         return first
-    pad = int(np.ceil(3 * sigma))
+    pad = int(np.ceil(3 * sigma)) + EVIDENCE_REACH
     found = ndimage.find_objects(union.view(np.uint8))[0]
     region = tuple(slice(max(0, s.start - pad), s.stop + pad) for s in found)
     total = np.zeros(union[region].shape, np.float32)
-    for mask, weight in zip(masks, weights, strict=True):
-        part = mask[region].astype(np.float32)
+    for (walk, plane), weight in zip(walks, weights, strict=True):
+        part = walk_evidence(walk, plane)[region].astype(np.float32)  # one whole-volume evidence at a time
         total += weight * (ndimage.gaussian_filter(part, sigma) if sigma > 0 else part)
     fused = np.zeros_like(first, order="F")
-    fused[region] = total > 0.5 * sum(weights)
+    fused[region] = total > 0
     for z in keep:
         fused[:, :, z] = first[:, :, z]
     return fused
 
 
-def cross_plane_masks(
+def cross_plane_walks(
     predictor: SlicePredictor, volume: PreparedVolume, prompt: Prompt, axial: np.ndarray, config: PropagationConfig
-) -> list[np.ndarray]:
-    """[(X, Y, Z) sagittal, coronal]: the structure walked through its sagittal slices and through its coronal
-    ones, as far as the axial walk's mask `axial` reaches along that axis (+ 1), each walk starting from the
-    slice through the middle of that reach, with the box the axial mask shows there (+ the margin) over the
-    roi's z-range. (The roi's own box is the prompted slice's, which a curved structure leaves elsewhere:
-    walks from it lost 0.03 on sub-05, README.)"""
+) -> list[tuple[VolumeResult, str]]:
+    """[(walk, plane)] for `fuse_walks`, each walk in its plane's layout, with margins: the structure walked through
+    its sagittal slices and through its coronal ones, as far as the axial walk's mask `axial` reaches along that
+    axis (+ 1), each walk starting from the slice through the middle of that reach, with the box the axial mask
+    shows there (+ the margin) over the roi's z-range, and each box moved towards the axial mask's centre on its
+    slice by at most `plane_guide` (sub-04/05: 0.700 -> 0.705 fused; README). (The roi's own box is the prompted
+    slice's, which a curved structure leaves elsewhere: walks from it lost 0.03 on sub-05.)"""
     assert prompt.roi is not None
     z0, z1 = int(prompt.roi[4]), int(prompt.roi[5])
     depth = volume.shape[2]
     rows = [depth - 1 - z1, depth - 1 - z0]  # a view's rows run superior to inferior
-    walk = replace(config, planes=1, plane_guide=0.0, smooth_sigma=0.0)
-    masks = []
+    config = replace(config, planes=1, smooth_sigma=0.0)
+    walks = []
     for plane, axis in (("sagittal", 0), ("coronal", 1)):
         reach = np.nonzero(axial.any(axis=tuple(a for a in range(3) if a != axis)))[0]
         if len(reach) == 0:
@@ -330,8 +358,9 @@ def cross_plane_masks(
         along = [max(0, int(reach.min()) - 1), min(volume.shape[axis] - 1, int(reach.max()) + 1)]
         view = volume.plane_view(plane)
         view_prompt = Prompt.from_request({"roi": [*across, *rows, *along], "slice": start}, view.shape)
-        masks.append(from_plane_view(propagate(predictor, view, view_prompt, walk).mask, plane))
-    return masks
+        centres = mask_centres(to_plane_view(axial, plane))
+        walks.append((propagate(predictor, view, view_prompt, config, centres=centres, margins=True), plane))
+    return walks
 
 
 def correct(
@@ -353,8 +382,14 @@ def propagate(
     volume: PreparedVolume,
     prompt: Prompt,
     config: PropagationConfig = PropagationConfig(),
+    centres: dict[int, tuple[float | None, float | None]] | None = None,
+    margins: bool = False,
 ) -> VolumeResult:
-    """Segment the prompted slice, then walk up and down slice by slice within the roi (or until a stop)."""
+    """Segment the prompted slice, then walk up and down slice by slice within the roi (or until a stop).
+
+    centres: {z: (x, y)} to steer the boxes towards (`plane_guide`); None: from two cuts (`plane_centres`).
+    margins: keep each segmented slice's `slice_margin` in the result (three-plane fusion votes with them).
+    """
     begin = time.perf_counter()
     encoded_before = predictor.encoded_slices
     width, height, depth = volume.shape
@@ -369,13 +404,21 @@ def propagate(
     reach = decoded.mask | first.mask
     mask = np.zeros(volume.shape, dtype=bool, order="F")  # F order: NIfTI/NRRD write it in one copy
     done: list[int] = []
+    kept_margins: dict[int, np.ndarray] = {}
+    keep_margins = margins or config.smooth_sigma > 0 or (config.planes == 3 and prompt.roi is not None)
     stops: dict[str, str] = {}
     if first.mask.sum() >= config.min_area:
         mask[:, :, z0] = first.mask.T
         done.append(z0)
+        if keep_margins:
+            kept_margins[z0] = predictor.slice_margin(volume, decoded).astype(np.float16)
         guide = {}
         if config.plane_guide > 0 and prompt.roi is not None and z_high > z_low:
-            guide = plane_centres(predictor, volume, prompt, config.first_context or config.context)
+            guide = (
+                centres
+                if centres is not None
+                else plane_centres(predictor, volume, prompt, config.first_context or config.context)
+            )
         for step, limit in ((1, z_high), (-1, z_low)):
             previous, previous_reach, z = first, reach, z0 + step
             previous_window = focus(prompt.box_2d(), volume, config.first_context or config.context)
@@ -414,17 +457,20 @@ def propagate(
                     break
                 mask[:, :, z] = current.mask.T
                 done.append(z)
+                if keep_margins:
+                    kept_margins[z] = predictor.slice_margin(volume, decoded).astype(np.float16)
                 previous, previous_reach, previous_window = current, decoded.mask | current.mask, window
                 z += step
     clicked = {int(z) for z in np.concatenate([prompt.foreground[:, 2], prompt.background[:, 2]])}
     planes = 3 if config.planes == 3 and prompt.roi is not None and z_high > z_low and done else 1
+    walks = [(VolumeResult(mask, volume.affine, done, margins=kept_margins), None)]
     if planes == 3:
-        views = cross_plane_masks(predictor, volume, prompt, mask, config)
+        walks += cross_plane_walks(predictor, volume, prompt, mask, config)
         # the axial walk counts twice: it had the annotator's own box (sub-04/05: 0.700, equal weights 0.693)
-        mask = fuse_masks([mask, *views], config.smooth_sigma, sorted(clicked), [2.0] + [1.0] * len(views))
+        mask = fuse_walks(walks, config.smooth_sigma, sorted(clicked), [2.0] + [1.0] * (len(walks) - 1))
         mask[:, :, :z_low] = mask[:, :, z_high + 1 :] = False  # the roi's z-range is the annotator's word
-    else:
-        mask = smooth_mask(mask, config.smooth_sigma, sorted(clicked))
+    elif config.smooth_sigma > 0 and done:
+        mask = fuse_walks(walks, config.smooth_sigma, sorted(clicked), [1.0])
     seconds = time.perf_counter() - begin
     info = {
         "slice": z0,
@@ -437,4 +483,4 @@ def propagate(
         "seconds_per_slice": round(seconds / max(1, len(done)), 3),
     }
     logger.info("3D propagation: %d slices from z=%d in %.2f s (%s)", len(done), z0, seconds, stops or "roi bounds")
-    return VolumeResult(mask, volume.affine, sorted(done), info)
+    return VolumeResult(mask, volume.affine, sorted(done), info, kept_margins if margins else {})

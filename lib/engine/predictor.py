@@ -37,11 +37,13 @@ class SlicePrediction:
         mask: (H, W) bool on the slice grid (rows = y, columns = x).
         low_res_logits: (1, 1, 256, 256) logits, usable as the next mask prompt.
         iou: the decoder's own predicted IoU for the mask.
+        window: the focus window it was decoded in (None: the whole slice), which `slice_margin` needs.
     """
 
     mask: np.ndarray
     low_res_logits: torch.Tensor
     iou: float
+    window: Window | None = None
 
 
 class SlicePredictor:
@@ -317,7 +319,20 @@ class SlicePredictor:
                 while len(self._decoded) > DECODES_KEPT:
                     self._decoded.popitem(last=False)
         # fresh wrappers: callers replace .mask (propagation's roi cut), which must not reach the remembered answer
-        return [SlicePrediction(p.mask, p.low_res_logits, p.iou) for p in answers]
+        return [SlicePrediction(p.mask, p.low_res_logits, p.iou, p.window) for p in answers]
+
+    @torch.no_grad()
+    def slice_margin(self, volume: PreparedVolume, prediction: SlicePrediction) -> np.ndarray:
+        """(H, W) float32: the prediction's logits on the slice grid minus the mask threshold, so > 0 is its mask
+        as decoded (before any roi cut or click edit); -inf outside its focus window. How sure the decoder was
+        of each pixel: three-plane fusion weighs the walks' votes by it."""
+        geometry = self.geometry(volume, prediction.window)
+        logits = geometry.low_res_to_slice(prediction.low_res_logits.float().to(self.device))[0, 0]
+        margin = (logits - self._serving[2]).cpu().numpy()
+        if prediction.window is None:
+            return margin
+        x, y, _ = volume.shape
+        return prediction.window.paste(margin, (y, x), fill=-np.inf)
 
     def _decode(
         self,
@@ -359,4 +374,6 @@ class SlicePredictor:
         if window is not None:
             x, y, _ = volume.shape
             masks = np.stack([window.paste(m, (y, x)) for m in masks])
-        return [SlicePrediction(masks[i], low_res[i : i + 1].cpu(), float(iou[i, best[i]])) for i in range(batch)]
+        return [
+            SlicePrediction(masks[i], low_res[i : i + 1].cpu(), float(iou[i, best[i]]), window) for i in range(batch)
+        ]

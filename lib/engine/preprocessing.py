@@ -140,9 +140,9 @@ class Window:
         out[ys[1], xs[1]] = image[ys[0], xs[0]]
         return out
 
-    def paste(self, mask: np.ndarray, slice_shape: tuple[int, int]) -> np.ndarray:
-        """(side, side) -> (H, W), False outside the window."""
-        out = np.zeros(slice_shape, dtype=mask.dtype)
+    def paste(self, mask: np.ndarray, slice_shape: tuple[int, int], fill: float = 0) -> np.ndarray:
+        """(side, side) -> (H, W), `fill` (False for a mask) outside the window."""
+        out = np.full(slice_shape, fill, dtype=mask.dtype)
         ys, xs = self._overlap(slice_shape)
         out[ys[0], xs[0]] = mask[ys[1], xs[1]]
         return out

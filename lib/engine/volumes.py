@@ -58,8 +58,13 @@ class PreparedVolume:
         """The same voxels seen as sagittal ("sagittal": slice i is x = i, (Z, Y)) or coronal ("coronal": slice i is
         y = i, (Z, X)) slices, the last z on the first row (superior up in a RAS image, as models saw them in
         training). A view, not a copy; its own key, so its embeddings never mix with the axial ones."""
-        order = {"sagittal": (1, 2, 0), "coronal": (0, 2, 1)}[plane]
-        return PreparedVolume(f"{self.key}:{plane}", self.data.transpose(order)[:, ::-1, :], self.affine, self.modality)
+        return PreparedVolume(f"{self.key}:{plane}", to_plane_view(self.data, plane), self.affine, self.modality)
+
+
+def to_plane_view(array: np.ndarray, plane: str) -> np.ndarray:
+    """An (X, Y, Z) array laid out like `plane_view(plane).data` (a view, not a copy)."""
+    order = {"sagittal": (1, 2, 0), "coronal": (0, 2, 1)}[plane]
+    return array.transpose(order)[:, ::-1, :]
 
 
 def from_plane_view(array: np.ndarray, plane: str) -> np.ndarray:
