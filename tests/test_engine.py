@@ -24,6 +24,7 @@ from lib.engine.interactive import (
     plane_centres,
     propagate,
     segment_2d,
+    slice_votes,
     tapered_box,
     walk_evidence,
 )
@@ -276,6 +277,21 @@ def test_a_walks_evidence_is_its_clipped_margin_near_its_mask_and_no_elsewhere()
     assert near[2].any() and not mask[2].any()  # the slice beside the mask's own counts as near
     for x in range(2, 7):
         assert np.array_equal(back[x] > 0, near[x]), x
+
+
+def test_a_slices_votes_are_sure_where_clicks_edited_its_mask():
+    decoded_mask = np.zeros((6, 8), bool)
+    decoded_mask[1:4, 1:4] = True
+    final_mask = decoded_mask.copy()
+    final_mask[1, 1] = False  # a background click's cut
+    final_mask[4, 5] = True  # a foreground click's addition
+    decoded = SlicePrediction(decoded_mask, torch.zeros(1, 1, 256, 256), 0.9)
+    final = SlicePrediction(final_mask, torch.zeros(1, 1, 256, 256), 0.9)
+    unsure = SimpleNamespace(slice_margin=lambda volume, prediction: np.full((6, 8), 0.25, np.float32))
+    votes = slice_votes(unsure, None, decoded, final)
+    assert votes.dtype == np.float16
+    assert votes[1, 1] == np.float16(-EVIDENCE_CLIP) and votes[4, 5] == np.float16(EVIDENCE_CLIP)
+    assert np.all(votes[2:4, 2:4] == np.float16(0.25))  # unedited: the decoder's own margin
 
 
 def test_mask_centres_are_the_middle_of_each_slices_extent():

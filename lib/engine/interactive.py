@@ -363,6 +363,19 @@ def cross_plane_walks(
     return walks
 
 
+def slice_votes(
+    predictor: SlicePredictor, volume: PreparedVolume, decoded: SlicePrediction, final: SlicePrediction
+) -> np.ndarray:
+    """(H, W) float16: the decoder's margin on a slice (`SlicePredictor.slice_margin`), sure (+-EVIDENCE_CLIP)
+    where clicks edited its mask (`final` against `decoded`): an annotator's edit is no guess, and its
+    neighbours' smoothing should lean on it (bench_interactive, LiteMedSAM, 30 sessions: 3D Dice after 1 / 3 / 5
+    clicks 0.679 / 0.668 / 0.666 without, 0.684 / 0.683 / 0.676 with; the box alone 0.675 either way)."""
+    margin = predictor.slice_margin(volume, decoded)
+    margin[final.mask & ~decoded.mask] = EVIDENCE_CLIP
+    margin[decoded.mask & ~final.mask] = -EVIDENCE_CLIP
+    return margin.astype(np.float16)
+
+
 def correct(
     predictor: SlicePredictor,
     volume: PreparedVolume,
@@ -411,7 +424,7 @@ def propagate(
         mask[:, :, z0] = first.mask.T
         done.append(z0)
         if keep_margins:
-            kept_margins[z0] = predictor.slice_margin(volume, decoded).astype(np.float16)
+            kept_margins[z0] = slice_votes(predictor, volume, decoded, first)
         guide = {}
         if config.plane_guide > 0 and prompt.roi is not None and z_high > z_low:
             guide = (
@@ -458,7 +471,7 @@ def propagate(
                 mask[:, :, z] = current.mask.T
                 done.append(z)
                 if keep_margins:
-                    kept_margins[z] = predictor.slice_margin(volume, decoded).astype(np.float16)
+                    kept_margins[z] = slice_votes(predictor, volume, decoded, current)
                 previous, previous_reach, previous_window = current, decoded.mask | current.mask, window
                 z += step
     clicked = {int(z) for z in np.concatenate([prompt.foreground[:, 2], prompt.background[:, 2]])}
