@@ -20,6 +20,7 @@ from lib.engine.interactive import (
     focus,
     fuse_walks,
     mask_centres,
+    mask_region,
     nudge_centre,
     plane_centres,
     propagate,
@@ -256,6 +257,15 @@ def test_a_slice_margin_is_above_zero_exactly_where_the_decoded_mask_is(engine, 
         assert np.array_equal(margin > 0, prediction.mask)
     inside = window.paste(np.ones((window.side, window.side), bool), margin.shape)
     assert np.array_equal(np.isfinite(margin), inside) and not inside.all()  # outside the focus window: no opinion
+
+
+def test_a_masks_region_is_its_bounding_box_grown_and_cut_at_the_volumes_low_edges():
+    mask = np.zeros((20, 30, 12), bool, order="F")
+    assert mask_region(mask, 2) is None
+    mask[4:9, 0:6, 3] = True
+    mask[6, 10, 7] = True
+    assert mask_region(mask) == ndimage.find_objects(mask.view(np.uint8))[0]
+    assert mask_region(mask, 2) == (slice(2, 11), slice(0, 13), slice(1, 10))
 
 
 def test_a_walks_evidence_is_its_clipped_margin_near_its_mask_and_no_elsewhere():

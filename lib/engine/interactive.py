@@ -107,6 +107,18 @@ def bounding_box(mask: np.ndarray) -> np.ndarray | None:
     return np.asarray([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int64)
 
 
+def mask_region(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice, slice] | None:
+    """The (X, Y, Z) mask's bounding box grown by `pad` voxels a side (cut at the volume's low edges), as slices;
+    None when empty. find_objects scans only the slab of slices the mask reaches: a propagated mask spans a few
+    dozen of a volume's slices, and on the whole volume it took 12 ms, a sixth of a cached 3D request."""
+    reached = np.flatnonzero(mask.any(axis=(0, 1)))
+    if len(reached) == 0:
+        return None
+    z0, z1 = int(reached[0]), int(reached[-1]) + 1
+    x, y, _ = ndimage.find_objects(mask[:, :, z0:z1].view(np.uint8))[0]
+    return tuple(slice(max(0, s.start - pad), s.stop + pad) for s in (x, y, slice(z0, z1)))
+
+
 def _respects_clicks(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> bool:
     values = mask[points[:, 1], points[:, 0]]
     return bool(np.all(values == (labels == 1)))
@@ -292,15 +304,16 @@ def walk_evidence(walk: VolumeResult, plane: str | None = None) -> np.ndarray:
     neighbour slices' masks count too; in-plane only lost 0.003 on sub-04/05), -EVIDENCE_CLIP elsewhere (a slice
     the walk never segmented says "not here")."""
     evidence = np.full(walk.mask.shape, -EVIDENCE_CLIP, np.float16)
-    found = ndimage.find_objects(walk.mask.view(np.uint8))
-    if not found:
+    region = mask_region(walk.mask, EVIDENCE_REACH)
+    if region is None:
         return evidence if plane is None else from_plane_view(evidence, plane)
-    region = tuple(slice(max(0, s.start - EVIDENCE_REACH), s.stop + EVIDENCE_REACH) for s in found[0])
-    near = np.zeros(walk.mask.shape, bool)
     cross = ndimage.generate_binary_structure(3, 1)
-    near[region] = ndimage.binary_dilation(walk.mask[region], cross, iterations=EVIDENCE_REACH)
+    near = ndimage.binary_dilation(walk.mask[region], cross, iterations=EVIDENCE_REACH)  # beyond it: the fill
+    xs, ys, zs = region
     for z, margin in walk.margins.items():
-        evidence[:, :, z] = np.where(near[:, :, z], np.clip(margin.T, -EVIDENCE_CLIP, EVIDENCE_CLIP), -EVIDENCE_CLIP)
+        if zs.start <= z < zs.start + near.shape[2]:
+            votes = np.clip(margin.T[xs, ys], -EVIDENCE_CLIP, EVIDENCE_CLIP)
+            evidence[xs, ys, z] = np.where(near[:, :, z - zs.start], votes, -EVIDENCE_CLIP)
     return evidence if plane is None else from_plane_view(evidence, plane)
 
 
@@ -314,13 +327,12 @@ def fuse_walks(
     by how sure each was (sub-04/05: 0.705 -> 0.709, README). One walk alone: the propagation's smoothing."""
     masks = [walk.mask if plane is None else from_plane_view(walk.mask, plane) for walk, plane in walks]
     first = masks[0]
-    union = np.logical_or.reduce(masks)
-    if not union.any():
-        return first
     pad = int(np.ceil(3 * sigma)) + EVIDENCE_REACH
-    found = ndimage.find_objects(union.view(np.uint8))[0]
-    region = tuple(slice(max(0, s.start - pad), s.stop + pad) for s in found)
-    total = np.zeros(union[region].shape, np.float32)
+    regions = [r for r in (mask_region(m, pad) for m in masks) if r is not None]
+    if not regions:
+        return first
+    region = tuple(slice(min(r[a].start for r in regions), max(r[a].stop for r in regions)) for a in range(3))
+    total = np.zeros(first[region].shape, np.float32)
     for (walk, plane), weight in zip(walks, weights, strict=True):
         part = walk_evidence(walk, plane)[region].astype(np.float32)  # one whole-volume evidence at a time
         total += weight * (ndimage.gaussian_filter(part, sigma) if sigma > 0 else part)
