@@ -7,6 +7,7 @@ one (`unshare --net`); a plain `pytest` leaves them out (pyproject's addopts).
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import nibabel as nib
@@ -159,7 +160,7 @@ def viewer_seg(series, sample_data, segments: dict[str, int], series_time: str) 
 
 
 def test_segs_stored_by_a_viewer_through_the_proxy_are_final_labels_that_train_a_round(
-    client, pacs, sample_data, labels, tmp_path, caplog
+    client, pacs, sample_data, labels, tmp_path, caplog, monkeypatch
 ):
     """OHIF's Export DICOM SEG: a SEG stored by STOW-RS through the server's proxy, with the viewer's own segment
     numbers, names that differ in case and spacing, and one name the app does not know."""
@@ -177,7 +178,10 @@ def test_segs_stored_by_a_viewer_through_the_proxy_are_final_labels_that_train_a
     assert annotator.next_sample("first", {}).get("id") not in labelled
     assert annotator.info()["datastore"]["completed"] >= 2
 
-    # the datastore the trainer reads: each SEG is a NIfTI label on the image grid, valued by segment name
+    # the datastore the trainer reads: each SEG is a NIfTI label on the image grid, valued by segment name.
+    # In this process, MONAI Label's dicom_to_nifti would leave each series' NIfTI in /tmp after copying it into
+    # the cache (the servers get temp folders of their own): here it goes to pytest's folder
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     datastore = PacsDatastore(DICOMwebClient(url=orthanc.dicomweb), {"Modality": "MR"}, str(tmp_path / "cache"))
     datastore.labels = labels
     refresh_listings()
